@@ -1,0 +1,334 @@
+"""
+Tasks, tokenizer, verifiers and batches for the masked diffusion LM.
+
+Two task families, each generated from a seed and each with a verifier:
+  math: multi-step arithmetic with a worked solution, e.g. "(3+4)*7=" ->
+        "3+4=7,7*7=49" or "3*7=21,4*7=28,21+28=49". Score: final answer.
+  code: small Python function synthesis, e.g. "sum of x*3 for x in xs if x>5"
+        -> a generator expression, a list comprehension or a loop.
+        Score: pass@1 on hidden unit tests, run in a sandbox.
+
+Every prompt has several valid responses (free step order, equivalent forms):
+that is what makes revealing many tokens at once go wrong, and so what
+self-correction has to fix. Splits are disjoint by a hash of the problem, and
+the test set is fixed by its seed so every method meets the same problems.
+
+The tokenizer is a tiktoken.Encoding built offline: 256 byte tokens, BPE
+merges learned here from the training corpus, digits always single tokens,
+plus <|eos|> and <|mask|>. Layout: every row is PROMPT_LEN prompt tokens
+(left-padded with <|eos|>) followed by GEN_LEN response tokens (right-padded
+with <|eos|>), so one static shape serves training and decoding.
+"""
+
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import tiktoken
+import torch
+
+PROMPT_LEN, GEN_LEN = 48, 32  # fixed canvas: the longest prompt and response fit
+TASKS = ("math", "code")
+TEST_SEED = 1234  # the fixed test set every method is scored on
+EOS, MASK = "<|eos|>", "<|mask|>"
+
+
+@dataclass
+class Problem:
+    task: str
+    prompt: str
+    responses: list  # every valid response we know of; training draws one
+    answer: object  # math: the int result; code: [(input list, expected)]
+
+
+def split_of(key):
+    """Which split a problem belongs to: a hash of what defines it, never random."""
+    h = int(hashlib.md5(key.encode()).hexdigest(), 16) % 20
+    return "test" if h < 2 else "val" if h == 2 else "train"
+
+
+# -----------------------------------------------------------------------------
+# math: worked arithmetic over single digits, several valid orders per prompt
+
+
+def _mul(a, b, rng):  # a product may be written either way round
+    return f"{a}*{b}" if rng.random() < 0.5 else f"{b}*{a}"
+
+
+def math_problem(rng, level=2):
+    """One arithmetic problem. level 1: a+b+c; 2: adds a*b+c*d and (a+b)*c;
+    3: adds a*b+c*d+e*f. Each worked solution may take its steps in any free order."""
+    forms = {1: ["sum3"], 2: ["sum3", "prod2", "dist"], 3: ["sum3", "prod2", "dist", "prod3"]}[level]
+    form = rng.choice(forms)
+    d = [rng.randint(1, 9) for _ in range(6)]
+    responses = []
+    if form == "sum3":  # a+b+c: add any pair first
+        a, b, c = d[:3]
+        prompt, answer = f"{a}+{b}+{c}=", a + b + c
+        for x, y, z in [(a, b, c), (a, c, b), (b, c, a)]:
+            responses.append(f"{x}+{y}={x + y},{x + y}+{z}={answer}")
+    elif form in ("prod2", "prod3"):  # sum of products: products in any order
+        n = 2 if form == "prod2" else 3
+        pairs = [(d[2 * i], d[2 * i + 1]) for i in range(n)]
+        prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
+        answer = sum(a * b for a, b in pairs)
+        for order in ([0, 1], [1, 0]) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1]):
+            steps = [f"{_mul(*pairs[i], rng)}={pairs[i][0] * pairs[i][1]}" for i in order]
+            acc = pairs[order[0]][0] * pairs[order[0]][1]
+            for i in order[1:]:
+                p = pairs[i][0] * pairs[i][1]
+                steps.append(f"{acc}+{p}={acc + p}")
+                acc += p
+            responses.append(",".join(steps))
+    else:  # (a+b)*c: add first, or distribute
+        a, b, c = d[:3]
+        prompt, answer = f"({a}+{b})*{c}=", (a + b) * c
+        responses.append(f"{a}+{b}={a + b},{_mul(a + b, c, rng)}={answer}")
+        responses.append(f"{_mul(a, c, rng)}={a * c},{_mul(b, c, rng)}={b * c},{a * c}+{b * c}={answer}")
+        responses.append(f"{_mul(b, c, rng)}={b * c},{_mul(a, c, rng)}={a * c},{b * c}+{a * c}={answer}")
+    return Problem("math", prompt, responses, answer), prompt
+
+
+def math_correct(problem, response):
+    """Exact match of the final answer: whatever follows the last '='."""
+    return response.rsplit("=", 1)[-1].strip() == str(problem.answer)
+
+
+# -----------------------------------------------------------------------------
+# code: one-line specs over a list, solved by a builtin, a comprehension or a loop
+
+_EXPRS = {"x": lambda x, k: x, "x*k": lambda x, k: x * k, "x+k": lambda x, k: x + k,
+          "x-k": lambda x, k: x - k, "x*x": lambda x, k: x * x}
+_CONDS = {"": lambda x, k: True, "x>k": lambda x, k: x > k, "x<k": lambda x, k: x < k,
+          "x!=k": lambda x, k: x != k, "x%2==0": lambda x, k: x % 2 == 0, "x%2==1": lambda x, k: x % 2 == 1}
+
+
+def _bodies(op, e, c):
+    """Equivalent function bodies for one spec: builtin, comprehension, loop."""
+    guard = f" if {c}" if c else ""
+    loop = "    for x in xs:\n" + (f"        if {c}:\n            " if c else "        ")
+    if op == "sum":
+        return [f"    return sum({e} for x in xs{guard})", f"    return sum([{e} for x in xs{guard}])",
+                f"    s=0\n{loop}s+={e}\n    return s"]
+    if op == "count":
+        first = f"    return len([x for x in xs{guard}])" if c else "    return len(xs)"
+        return [first, f"    return sum(1 for x in xs{guard})", f"    n=0\n{loop}n+=1\n    return n"]
+    return [f"    return [{e} for x in xs{guard}]", f"    return list({e} for x in xs{guard})",
+            f"    out=[]\n{loop}out.append({e})\n    return out"]
+
+
+def code_problem(rng, level=2):
+    """One function-synthesis problem. level 1: no condition; 2: one condition."""
+    op = rng.choice(["sum", "count", "list"])
+    e, c = rng.choice(list(_EXPRS)), rng.choice(list(_CONDS) if level >= 2 else [""])
+    ke, kc = rng.randint(1, 9), rng.randint(1, 9)
+    expr, cond = e.replace("k", str(ke)), c.replace("k", str(kc))
+    fn = lambda xs: [_EXPRS[e](x, ke) for x in xs if _CONDS[c](x, kc)]  # noqa: E731
+    result = {"sum": lambda xs: sum(fn(xs)), "count": lambda xs: len(fn(xs)), "list": fn}[op]
+    what = {"sum": f"sum of {expr}", "count": "count", "list": f"list of {expr}"}[op]
+    spec = f"{what} for x in xs" + (f" if {cond}" if cond else "")
+    example = [rng.randint(0, 9) for _ in range(rng.randint(2, 4))]
+    prompt = (f"def f(xs):\n    # {spec}\n    # f({json.dumps(example, separators=(',', ':'))})=="
+              f"{json.dumps(result(example), separators=(',', ':'))}\n")
+    trng = random.Random(spec)  # hidden tests depend only on the spec
+    tests = [[]] + [[trng.randint(0, 9) for _ in range(trng.randint(3, 7))] for _ in range(4)]
+    bodies = _bodies(op, expr if op != "count" else "x", cond)
+    if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
+        bodies += [b.replace(expr, f"{ke}*x") for b in bodies]
+    return Problem("code", prompt, bodies, [(t, result(t)) for t in tests]), spec
+
+
+# The sandbox: generated code runs in a separate Python process, in an empty
+# temporary directory with an empty environment, under CPU, memory,
+# file-size and process limits and a wall-clock timeout; an audit hook refuses
+# files opened for writing, deletions, processes and sockets, and the process
+# group is killed at the end so nothing it started survives.
+_RUNNER = r"""
+import io, json, sys
+source, tests = json.loads(sys.stdin.read())
+out = sys.stdout
+BLOCKED = ("os.system", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.kill",
+           "os.remove", "os.unlink", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.link",
+           "os.symlink", "os.mkdir", "shutil.rmtree", "subprocess.Popen", "socket.", "ctypes.", "pty.")
+def guard(event, args):
+    if event.startswith(BLOCKED) or (event == "open" and (any(m in str(args[1]) for m in "wax+") or args[2] & 3)):
+        raise PermissionError("sandbox: " + event)
+sys.addaudithook(guard)
+sys.stdout = sys.stderr = io.StringIO()
+passed = 0
+try:
+    scope = {}
+    exec(compile(source, "<generated>", "exec"), scope)
+    passed = sum(scope["f"](list(xs)) == want for xs, want in tests)
+except BaseException:
+    pass
+out.write(json.dumps(passed))
+"""
+
+
+def _limit_child():
+    resource.setrlimit(resource.RLIMIT_CPU, (2, 2))
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NPROC, (8, 8))  # not enforced for root: the audit hook is
+
+
+def run_sandboxed(source, tests, timeout=5.0):
+    """Number of (input, expected) tests that `source`'s f passes; 0 on any failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RUNNER], cwd=tmp, env={},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                preexec_fn=_limit_child, start_new_session=True)
+        try:
+            out, _ = proc.communicate(json.dumps([source, tests]).encode(), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out = b""
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it started dies with it
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    try:
+        return int(out[-32:].decode())
+    except ValueError:
+        return 0
+
+
+def code_correct(problem, response):
+    """pass@1: the prompt plus the generated body passes every hidden test."""
+    return run_sandboxed(problem.prompt + response + "\n", problem.answer) == len(problem.answer)
+
+
+def is_correct(problem, response):
+    return (math_correct if problem.task == "math" else code_correct)(problem, response)
+
+
+def score(problems, responses, workers=2):
+    """Verifier verdicts for a list of problems and decoded responses, in order."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(is_correct, problems, responses))
+
+
+# -----------------------------------------------------------------------------
+# problem streams and the fixed evaluation sets
+
+MAKERS = {"math": math_problem, "code": code_problem}
+
+
+def sample_problem(task, split, rng, level=2):
+    """Draw problems of `task` until one falls in `split` (rejection by hash)."""
+    while True:
+        problem, key = MAKERS[task](rng, level)
+        if split_of(key) == split:
+            return problem
+
+
+@lru_cache(maxsize=None)
+def fixed_problems(task, split="test", n=200, level=2, seed=TEST_SEED):
+    """A fixed list of n distinct problems: the same for every run and method."""
+    rng, seen, out = random.Random(f"{seed}-{task}-{split}-{level}"), set(), []
+    while len(out) < n:
+        p = sample_problem(task, split, rng, level)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+    return tuple(out)
+
+
+# -----------------------------------------------------------------------------
+# tokenizer: byte-level BPE learned offline from our own training corpus
+
+PATTERN = r"\d| ?[A-Za-z_]+| ?[^\sA-Za-z_\d]+|\n *| +|\s"  # \d alone: digits never merge
+
+
+@lru_cache(maxsize=None)
+def get_tokenizer(n_merges=200, corpus_size=4000, seed=0):
+    """A tiktoken.Encoding with byte ranks plus merges learned from training data."""
+    rng = random.Random(seed)
+    words = Counter()
+    for i in range(corpus_size):
+        p = sample_problem(TASKS[i % 2], "train", rng)
+        for text in [p.prompt] + p.responses:
+            words.update(re.findall(PATTERN, text))
+    ranks = {bytes([b]): b for b in range(256)}
+    pieces = {tuple(bytes([b]) for b in w.encode()): c for w, c in words.items()}
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, c in pieces.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        if not pairs:
+            break
+        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties: deterministic
+        if count < 2:
+            break
+        ranks[a + b] = len(ranks)
+        pieces = {_merge(w, a, b): c for w, c in pieces.items()}
+    special = {EOS: len(ranks), MASK: len(ranks) + 1}
+    enc = tiktoken.Encoding(name="sc-dlm", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    enc.eos, enc.mask = special[EOS], special[MASK]  # ids used everywhere else
+    return enc
+
+
+def _merge(word, a, b):
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def tokenizer_id(enc):
+    """A fingerprint of the tokenizer, stored in checkpoints to refuse mismatches."""
+    blob = json.dumps(sorted((k.hex(), v) for k, v in enc._mergeable_ranks.items()))
+    return hashlib.sha256(blob.encode() + PATTERN.encode()).hexdigest()[:16]
+
+
+def encode_prompt(enc, prompt):
+    """Prompt ids left-padded with EOS to PROMPT_LEN; ValueError if it does not fit."""
+    ids = enc.encode_ordinary(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) > PROMPT_LEN:
+        raise ValueError(f"the prompt is {len(ids)} tokens, longer than the {PROMPT_LEN} the model reads")
+    return [enc.eos] * (PROMPT_LEN - len(ids)) + ids
+
+
+def encode_response(enc, response):
+    ids = enc.encode_ordinary(response) + [enc.eos]  # at least one EOS: where the answer ends
+    assert len(ids) <= GEN_LEN, f"response longer than GEN_LEN={GEN_LEN}: {response!r}"
+    return ids + [enc.eos] * (GEN_LEN - len(ids))
+
+
+def decode_response(enc, ids):
+    """Text of a generated response: everything before the first EOS."""
+    ids = list(ids)
+    if enc.eos in ids:
+        ids = ids[:ids.index(enc.eos)]
+    return enc.decode([i for i in ids if i < enc.eos])
+
+
+def get_batch(enc, batch_size, rng, split="train", level=2):
+    """(B, PROMPT_LEN + GEN_LEN) token ids: half math, half code, one random valid response each."""
+    rows = []
+    for i in range(batch_size):
+        p = sample_problem(TASKS[i % 2], split, rng, level)
+        rows.append(encode_prompt(enc, p.prompt) + encode_response(enc, rng.choice(p.responses)))
+    return torch.tensor(rows, dtype=torch.long)
