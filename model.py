@@ -1,0 +1,260 @@
+"""
+The masked diffusion LM: a bidirectional nanoGPT-style transformer, the MDLM
+training loss, and the one place checkpoints are saved and loaded.
+
+No causal mask and no time conditioning (MDLM default, LLaDA): the model infers
+how noisy its input is from the <|mask|> tokens it sees. forward() can also
+return the penultimate block's hidden states, which the correction head reads.
+"""
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 320  # tokenizer size; the last id is <|mask|>
+    block_size: int = 80  # PROMPT_LEN + GEN_LEN
+    n_layer: int = 4
+    n_head: int = 6
+    n_embd: int = 192
+    dropout: float = 0.0
+
+    @property
+    def mask_id(self):
+        return self.vocab_size - 1
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head, dropout=0.0):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)  # bidirectional
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd, n_head, dropout=0.0):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = SelfAttention(n_embd, n_head, dropout)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
+                                 nn.Dropout(dropout))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
+        # the mask token is never a valid prediction: -inf on its logit, everywhere
+        never = torch.zeros(config.vocab_size)
+        never[config.mask_id] = float("-inf")
+        self.register_buffer("never_mask", never, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):  # GPT-2 scaled residual init
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, return_hidden=False):
+        """Logits (B, T, V); with return_hidden also the penultimate block's output (B, T, C)."""
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        hidden = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == len(self.blocks) - 2:
+                hidden = x
+        logits = self.lm_head(self.ln_f(x)) + self.never_mask
+        return (logits, hidden) if return_hidden else logits
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def flops_per_token(self):
+        """Forward+backward FLOPs per token (6N plus attention), as nanoGPT's MFU estimate."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# -----------------------------------------------------------------------------
+# the diffusion forward process and loss (METHOD.md section 1)
+
+
+def antithetic_t(batch_size, device, eps=1e-3, low=0.0):
+    """Low-discrepancy t in [max(eps, low), 1): t_i = (u + i/B) mod 1, rescaled."""
+    u = (torch.rand(1, device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
+    low = max(eps, low)
+    return low + (1 - low) * u
+
+
+def mask_response(x0, prompt_len, t, mask_id):
+    """Forward process: each response token becomes <|mask|> with probability t; the prompt never does."""
+    is_response = torch.arange(x0.shape[1], device=x0.device) >= prompt_len
+    masked = (torch.rand(x0.shape, device=x0.device) < t[:, None]) & is_response
+    return torch.where(masked, mask_id, x0), masked
+
+
+def mdlm_loss(model, x0, prompt_len, elbo_weight=False, t_low=0.0):
+    """Masked diffusion loss. Default: mean cross-entropy over masked positions
+    (measured here to learn far faster than the ELBO at this scale); with
+    elbo_weight, the MDLM bound: CE weighted by 1/t, summed, over response tokens.
+    Returns (loss, logits, t, masked) so a caller can build on this forward pass."""
+    t = antithetic_t(x0.shape[0], x0.device, low=t_low)
+    xt, masked = mask_response(x0, prompt_len, t, model.config.mask_id)
+    logits = model(xt)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, T), dense: no indexing
+    n_response = x0.shape[1] - prompt_len
+    return weighted_ce(ce, masked, t, n_response, elbo_weight), logits, t, masked
+
+
+def weighted_ce(ce, masked, t, n_response, elbo_weight):
+    """The one weighting rule. ELBO: CE/t summed over masked tokens, per response
+    token (MDLM, linear schedule). Default: plain mean CE over masked tokens."""
+    w = masked.float()
+    if elbo_weight:
+        return (ce * w / t[:, None]).sum() / (ce.shape[0] * n_response)
+    return (ce * w).sum() / w.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# choosing tokens from logits: shared by the sampler and the FCA draft maker
+
+
+def most_confident(confidence, candidates, k):
+    """Boolean (B, T): for each row, the k[b] candidate positions of highest confidence."""
+    conf = torch.where(candidates, confidence, float("-inf"))
+    rank = conf.argsort(dim=1, descending=True).argsort(dim=1)  # 0 = most confident
+    return (rank < k[:, None]) & candidates
+
+
+def propose(logits, temperature, generator=None):
+    """Candidate x0 (argmax, or Gumbel-max sample in float64) and its softmax probability."""
+    logits = logits.double()
+    if temperature > 0:
+        u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        x0 = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+    else:
+        x0 = logits.argmax(-1)
+    return x0, logits.softmax(-1).gather(-1, x0[..., None]).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one dict, written atomically, loaded with weights_only=True
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or does not match what is asked of it."""
+
+
+def save_checkpoint(path, **state):
+    """Write to a temporary file and rename it over `path`: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, made_by=None):
+    """The checkpoint dict at `path`. Raises CheckpointError naming the file (and, when
+    given, the command that makes it) if it is missing, truncated or not a safe checkpoint."""
+    if not os.path.exists(path):
+        hint = f"; run `{made_by}` to make it" if made_by else ""
+        raise CheckpointError(f"{path} does not exist{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or a pickle that would run code
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    return ckpt
+
+
+def load_model(path, tokenizer_id=None, made_by="python train_base.py"):
+    """A GPT rebuilt from a checkpoint, in eval mode, refusing another tokenizer."""
+    ckpt = load_checkpoint(path, made_by)
+    if tokenizer_id is not None and ckpt.get("tokenizer_id") != tokenizer_id:
+        raise CheckpointError(f"{path} was trained with tokenizer {ckpt.get('tokenizer_id')}, "
+                              f"this code builds tokenizer {tokenizer_id}")
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0][:160]}")
+    return model.eval(), ckpt
+
+
+def model_fingerprint(model):
+    """A short hash of the weights: a head records the base it was trained on."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# training utilities shared by train_base.py and train_head.py
+
+
+def pick_device(name=None):
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def peak_flops(device):
+    """The FLOP/s that MFU is measured against: bf16 datasheet peak on a known GPU,
+    else a measured fp32 matmul rate on this machine."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, peak in [("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)]:
+            if key in name:
+                return peak, f"{name} bf16 datasheet"
+    a = torch.randn(1024, 1024, device=device)
+    a @ a
+    t0, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ a
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0), "measured fp32 matmul"
+
+
+def lr_at(it, args):
+    """Linear warmup, then cosine decay to min_lr_frac of the peak."""
+    if it < args.warmup:
+        return args.lr * (it + 1) / args.warmup
+    progress = min(1.0, (it - args.warmup) / max(1, args.max_iters - args.warmup))
+    return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
