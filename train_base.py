@@ -1,0 +1,190 @@
+"""
+Train the masked diffusion LM from scratch on both task families.
+
+    python train_base.py                      # CPU default: ~25 minutes on 2 cores
+    python train_base.py --resume             # continue out/base.pt
+    torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
+
+One flat loop: batch, forward, backward, step, log, evaluate, checkpoint. The
+checkpoint (out/base.pt) holds the latest state: written at each evaluation and
+when the run is interrupted (Ctrl-C or SIGTERM), atomically.
+"""
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import data
+from model import (GPT, CheckpointError, GPTConfig, load_checkpoint, lr_at, mdlm_loss, peak_flops, pick_device,
+                   save_checkpoint)
+from sample import decode_problems
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/base.pt", help="checkpoint path")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--n-layer", type=int, default=None, help="transformer blocks (default: 4 on CPU, 8 on CUDA)")
+    p.add_argument("--n-embd", type=int, default=None, help="width (default: 192 on CPU, 512 on CUDA)")
+    p.add_argument("--n-head", type=int, default=None, help="attention heads (default: 6 on CPU, 8 on CUDA)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 128 CPU, 512 CUDA)")
+    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default: 1400 CPU, 4000 CUDA)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--elbo-weight", action="store_true", help="weight the loss by 1/t (the MDLM bound) instead of mean CE")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between validation and checkpoint")
+    p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
+    p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def validate(model, enc, args, ctx):
+    """Validation loss on fixed batches and exact accuracy per task at one token per step."""
+    model.eval()
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    state = torch.get_rng_state()
+    torch.manual_seed(0)  # the same masks every time: the loss is comparable across evaluations
+    losses = []
+    for _ in range(4):
+        x0 = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level).to(args.device)
+        with ctx:
+            losses.append(mdlm_loss(model, x0, data.PROMPT_LEN, args.elbo_weight)[0].item())
+    torch.set_rng_state(state)
+    acc = {}
+    for task in data.TASKS:
+        problems = data.fixed_problems(task, "val", args.eval_problems, args.level)
+        with ctx:
+            responses, _ = decode_problems(model, enc, problems, steps=data.GEN_LEN, generator=gen)
+        acc[task] = sum(data.score(problems, responses)) / len(problems)
+    model.train()
+    return sum(losses) / len(losses), acc
+
+
+def main(argv=None):
+    args = get_args(argv)
+    # distributed: torchrun sets RANK; each rank gets its own device and data stream
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        from torch.distributed import init_process_group
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        init_process_group(backend=backend)
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        args.device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(args.device)
+    else:
+        rank, world = 0, 1
+        args.device = pick_device(args.device)
+    master = rank == 0
+    cuda = args.device.startswith("cuda")
+    # defaults sized for the machine: a CPU run that fits in ~25 minutes, a larger CUDA run
+    for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
+                                        ("batch_size", 128, 512), ("max_iters", 1400, 4000)]:
+        if getattr(args, name) is None:
+            setattr(args, name, cuda_value if cuda else cpu_value)
+    torch.manual_seed(args.seed + rank)
+    rng = random.Random(args.seed + rank)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    enc = data.get_tokenizer()
+    config = GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    start_iter, best_val = 0, float("-inf")
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(args.out, made_by="python train_base.py")
+        except CheckpointError as e:
+            sys.exit(f"error: cannot resume: {e}")
+        if ckpt.get("tokenizer_id") != data.tokenizer_id(enc):
+            sys.exit(f"error: cannot resume: {args.out} was made with another tokenizer")
+        config = GPTConfig(**ckpt["model_args"])
+        start_iter, best_val = ckpt["iter"], ckpt["best_val"]
+    model = GPT(config).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, fused=cuda)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    raw_model = model  # uncompiled, unwrapped: for saving and for decoding
+    if cuda and not args.no_compile:
+        model = torch.compile(model)  # static shapes: one compilation serves the whole run
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+
+    def checkpoint(it):
+        if master:
+            save_checkpoint(args.out, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                            model_args=asdict(config), tokenizer_id=data.tokenizer_id(enc), iter=it,
+                            best_val=best_val, config=vars(args))
+
+    # Ctrl-C and SIGTERM both end the loop cleanly, with a checkpoint
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    peak, peak_name = peak_flops(args.device)
+    tokens_per_iter = args.batch_size * config.block_size * world
+    if master:
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters on {args.device} x{world}, "
+              f"{tokens_per_iter} tokens/step, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
+    done = start_iter  # optimizer steps completed: what a checkpoint records
+    bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master)
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, args)
+            x0 = data.get_batch(enc, args.batch_size, rng, level=args.level).to(args.device)
+            with ctx:
+                loss = mdlm_loss(model, x0, data.PROMPT_LEN, args.elbo_weight)[0]
+            if not torch.isfinite(loss):  # stop before a NaN reaches the weights; the last checkpoint stays
+                bar.close()
+                sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            done = it + 1
+            if cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tok_s = tokens_per_iter / dt
+            mfu = tok_s * raw_model.flops_per_token() / peak / world
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.0%}")
+            if (it + 1) % args.eval_every == 0 or it + 1 == args.max_iters:
+                if master:
+                    val_loss, acc = validate(raw_model, enc, args, ctx)
+                    best_val = max(best_val, sum(acc.values()) / len(acc))
+                    tqdm.write(f"step {it + 1}/{args.max_iters}: val loss {val_loss:.4f}, "
+                               f"val acc (1 token/step) " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
+                checkpoint(done)
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(done)  # --resume redoes no step and skips none
+        if master:
+            print(f"interrupted after step {done}: saved {args.out}; continue with --resume")
+        sys.exit(130)
+    if ddp:
+        from torch.distributed import destroy_process_group
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
