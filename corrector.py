@@ -1,0 +1,130 @@
+"""
+DSC, Decoupled Self-Correction (METHOD.md section 3): a small head over the
+frozen base's penultimate hidden states that says which revealed tokens are wrong.
+
+    CorrectionHead  a few bidirectional blocks -> one logit per position,
+                    the logit of P(this token is wrong)  (ours: the direction)
+    fca_drafts      training examples: the frozen base's own drafts, made with
+                    poorer context and judged in richer context (Future-Context
+                    Augmentation); fca=False is the no-FCA (PRISM-style) ablation
+    remask          the inference rule: send back revealed tokens above tau, at
+                    most K per step, skipping a FIFO of recently sent-back ones
+    random_remask   the control: as many tokens, chosen at random
+"""
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Block, CheckpointError, load_checkpoint, mask_response, most_confident, propose
+
+
+@dataclass
+class HeadConfig:
+    n_embd_in: int = 192  # the base's width
+    width: int = 64  # small on purpose: the head must cost little per decoding step
+    n_layer: int = 2
+    n_head: int = 4
+    tau: float = 0.5  # remask when P(wrong) > tau; train_head.py picks it on validation data
+    max_remask: int = 2  # K: at most this many tokens sent back per step
+    fifo_len: int = 4  # the last fifo_len positions sent back are not sent back again
+
+
+class CorrectionHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.proj_in = nn.Linear(config.n_embd_in, config.width)
+        self.blocks = nn.ModuleList(Block(config.width, config.n_head) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.width)
+        self.out = nn.Linear(config.width, 1)
+
+    def forward(self, hidden):
+        """Logit of P(token is wrong), (B, T), from the base's penultimate hidden states (B, T, C)."""
+        x = self.proj_in(hidden)
+        for block in self.blocks:
+            x = block(x)
+        return self.out(self.ln_f(x)).squeeze(-1)
+
+
+@torch.no_grad()
+def fca_drafts(base, x0, prompt_len, n_drafts, fca=True, temperature=1.0):
+    """One batch of head-training examples from the frozen base's own drafts.
+
+    FCA (METHOD.md 3): draw t and t' in [dt, 1 - t] with dt = n_drafts / gen_len;
+    mask x0 at rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts its
+    n_drafts most confident masked positions of x_{t+t'} (sampled tokens); the
+    drafts are spliced into the richer x_t -> z. With fca=False the drafts are made
+    from x_t itself. Returns (hidden states of the base on z, labels: 1 where a
+    draft differs from x0, drafted: the positions the loss and metrics look at)."""
+    B, T = x0.shape
+    mask_id, gen_len = base.config.mask_id, T - prompt_len
+    dt = n_drafts / gen_len
+    t = (1 - dt) * torch.rand(B, device=x0.device)
+    x_t, _ = mask_response(x0, prompt_len, t, mask_id)
+    draft_from = x_t
+    if fca:  # each visible response token of x_t is masked with prob t'/(1-t): rate t + t' overall
+        t_more = dt + (1 - t - dt) * torch.rand(B, device=x0.device)
+        more, _ = mask_response(x_t, prompt_len, t_more / (1 - t), mask_id)
+        draft_from = more
+    x_hat, confidence = propose(base(draft_from), temperature)
+    k = torch.full((B,), n_drafts, device=x0.device)
+    drafted = most_confident(confidence, draft_from == mask_id, k)
+    z = torch.where(drafted, x_hat, x_t)  # drafts now sit among x_t's ground-truth context
+    _, hidden = base(z, return_hidden=True)
+    return hidden, (z != x0) & drafted, drafted
+
+
+def balanced_bce(logits, labels, where):
+    """BCE averaged over wrong and right tokens separately, then halved: the rare
+    'wrong' class weighs as much as the common 'right' one (the head must not learn 'never wrong')."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    pos, neg = (labels & where).float(), (~labels & where).float()
+    return 0.5 * (loss * pos).sum() / pos.sum().clamp(min=1) + 0.5 * (loss * neg).sum() / neg.sum().clamp(min=1)
+
+
+def remask(p_wrong, revealed, stamps, tau, max_remask, fifo_len):
+    """DSC adaptive remasking: which revealed tokens to send back this step.
+
+    Up to max_remask per row with p_wrong > tau, most likely wrong first, skipping
+    the fifo_len positions this row sent back most recently. `stamps` (B, T) is
+    the FIFO: 0 = never sent back, n = the n-th send-back of that row.
+    Returns (chosen (B, T) bool, updated stamps)."""
+    count = stamps.max(dim=1).values  # send-backs so far, per row
+    recent = (stamps > 0) & (stamps > count[:, None] - fifo_len)
+    eligible = revealed & ~recent & (p_wrong > tau)
+    chosen = most_confident(p_wrong, eligible, torch.full_like(count, max_remask))
+    stamps = torch.where(chosen, count[:, None] + chosen.long().cumsum(dim=1), stamps)
+    return chosen, stamps
+
+
+def random_remask(revealed, counts, generator=None):
+    """The control: counts[b] revealed tokens of row b sent back, chosen uniformly at random."""
+    u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
+    return most_confident(u, revealed, counts)
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: P(a wrong token scores above a right one), ties counted half."""
+    pos, neg = scores[labels.bool()].double(), scores[~labels.bool()].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    above = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
+    return above.item()
+
+
+def load_head(path, base_fingerprint=None):
+    """A CorrectionHead from its checkpoint, refusing one trained on another base."""
+    ckpt = load_checkpoint(path, made_by="python train_head.py")
+    if base_fingerprint is not None and ckpt.get("base_fingerprint") != base_fingerprint:
+        raise CheckpointError(f"{path} was trained on base {ckpt.get('base_fingerprint')}, but the base "
+                              f"loaded is {base_fingerprint}; retrain it with `python train_head.py`")
+    try:
+        head = CorrectionHead(HeadConfig(**ckpt["model_args"]))
+        head.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path} does not match CorrectionHead: {str(e).splitlines()[0][:160]}")
+    return head.eval(), ckpt
+

@@ -1,0 +1,129 @@
+"""
+The comparison: accuracy against tokens per step, per task and per method, at
+equal forward passes, on the fixed test set, scored by data.py's verifiers.
+
+    python eval.py                 # markdown table on stdout, JSON in out/eval.json
+    python eval.py --plot          # also out/eval.png (needs matplotlib)
+
+Methods (each needs its checkpoint; a missing head is skipped with a note):
+    base      the base alone (LLaDA low-confidence decoding)
+    dsc       base + the DSC head trained with FCA        (out/head.pt)
+    no-fca    base + the head trained without FCA         (out/head_nofca.pt)
+    random    base + random remasking of as many tokens as the DSC head sent back, step by step
+Nothing is cached: every number comes from decoding in this run.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import data
+from corrector import load_head
+from model import CheckpointError, load_model, model_fingerprint
+from sample import generate
+
+TOKENS_PER_STEP = (1, 2, 4, 8)
+
+
+def run(model, enc, problems, steps, **kwargs):
+    """Decode problems in one batch; returns responses, passes, seconds, per-step send-back counts."""
+    prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems])
+    counts = []
+    t0 = time.perf_counter()
+    out, passes = generate(model, prompts, data.GEN_LEN, steps, on_step=lambda s, x, back: counts.append(back.sum(1)),
+                           **kwargs)
+    seconds = time.perf_counter() - t0
+    responses = [data.decode_response(enc, row[data.PROMPT_LEN:].tolist()) for row in out]
+    return responses, passes, seconds, torch.stack(counts)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="out/base.pt", help="base checkpoint")
+    parser.add_argument("--head", default="out/head.pt", help="DSC head (FCA)")
+    parser.add_argument("--head-nofca", default="out/head_nofca.pt", help="ablation head (no FCA)")
+    parser.add_argument("--num", type=int, default=200, help="test problems per task")
+    parser.add_argument("--tokens-per-step", default="1,2,4,8", help="budgets to evaluate")
+    parser.add_argument("--out", default="out/eval.json", help="where the JSON results go")
+    parser.add_argument("--plot", action="store_true", help="write accuracy vs tokens per step to out/eval.png")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.set_grad_enabled(False)
+    enc = data.get_tokenizer()
+    try:
+        base, _ = load_model(args.base, data.tokenizer_id(enc))
+        fingerprint = model_fingerprint(base)
+        heads = {}
+        for name, path in [("dsc", args.head), ("no-fca", args.head_nofca)]:
+            if os.path.exists(path):
+                heads[name] = load_head(path, fingerprint)[0]
+            else:
+                print(f"note: skipping {name}: {path} does not exist (python train_head.py"
+                      f"{' --no-fca' if name == 'no-fca' else ''} makes it)", file=sys.stderr)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+
+    rows = []
+    budgets = [int(k) for k in args.tokens_per_step.split(",")]
+    for task in data.TASKS:
+        problems = list(data.fixed_problems(task, "test", args.num))
+        for k in budgets:
+            steps = data.GEN_LEN // k
+            dsc_counts = None
+            methods = [("base", {})] + [(name, {"head": h}) for name, h in heads.items()]
+            if "dsc" in heads:
+                methods.append(("random", None))  # filled in from the DSC run below
+            for name, kwargs in methods:
+                if name == "random":
+                    kwargs = {"remask_counts": dsc_counts, "generator": torch.Generator().manual_seed(args.seed)}
+                responses, passes, seconds, counts = run(base, enc, problems, steps, **kwargs)
+                if name == "dsc":
+                    dsc_counts = counts
+                accuracy = sum(data.score(problems, responses)) / len(problems)
+                rows.append({"task": task, "tokens_per_step": k, "method": name, "accuracy": accuracy,
+                             "forward_passes": passes, "ms_per_problem": 1000 * seconds / len(problems),
+                             "tokens_per_s": len(problems) * data.GEN_LEN / seconds,
+                             "remasked_per_problem": counts.sum().item() / len(problems)})
+                print(f"{task} k={k} {name}: {accuracy:.1%}", file=sys.stderr)
+
+    print("| task | tokens/step | method | accuracy | forward passes | ms/problem | tokens/s | remasked/problem |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['task']} | {r['tokens_per_step']} | {r['method']} | {r['accuracy']:.1%} | {r['forward_passes']} | "
+              f"{r['ms_per_problem']:.2f} | {r['tokens_per_s']:.0f} | {r['remasked_per_problem']:.2f} |")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"rows": rows, "num_problems": args.num, "base": args.base, "base_fingerprint": fingerprint}, f, indent=1)
+    if args.plot:
+        plot(rows, os.path.splitext(args.out)[0] + ".png")
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: --plot needs matplotlib (pip install matplotlib); table and JSON are written", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, len(data.TASKS), figsize=(5 * len(data.TASKS), 3.5))
+    for ax, task in zip(axes, data.TASKS):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["tokens_per_step"], r["accuracy"]) for r in rows if r["task"] == task and r["method"] == method]
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.set(title=task, xlabel="tokens per step", ylabel="accuracy", xscale="log", xticks=TOKENS_PER_STEP)
+        ax.set_xticklabels(TOKENS_PER_STEP)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

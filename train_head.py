@@ -1,0 +1,157 @@
+"""
+Train the DSC correction head on the frozen base's own mistakes.
+
+    python train_head.py             # FCA head -> out/head.pt (CPU default: a few minutes)
+    python train_head.py --no-fca    # the ablation: drafts made and judged in one context
+
+The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
+under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts)
+and trains only the head, with the rare 'wrong' class weighted up. At the end
+the head reports, on held-out drafts made at 4 tokens per step, its AUROC, the
+positive rate and precision/recall at tau, and tau is picked on validation
+problems by decoding accuracy at 4 tokens per step.
+"""
+
+import argparse
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+import data
+from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
+from model import CheckpointError, load_model, lr_at, model_fingerprint, peak_flops, pick_device, save_checkpoint
+from sample import decode_problems
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="out/base.pt", help="the frozen base checkpoint")
+    p.add_argument("--out", default=None, help="head checkpoint (default: out/head.pt, or out/head_nofca.pt with --no-fca)")
+    p.add_argument("--no-fca", action="store_true", help="train the ablation: drafts made in the context they are judged in")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--width", type=int, default=64, help="head width")
+    p.add_argument("--n-layer", type=int, default=2, help="head transformer blocks")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-iters", type=int, default=500)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-frac", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--draft-tokens", type=int, default=8, help="drafts per example (gen_len * dt); more drafts, more errors")
+    p.add_argument("--taus", default="0.3,0.5,0.7,0.9", help="remask thresholds tried on validation")
+    p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def detection_metrics(base, head, enc, tau, ctx, fca, batches=8, batch_size=128):
+    """AUROC, positive rate, precision and recall at tau on held-out drafts made at 4 tokens per step."""
+    rng = random.Random(0)
+    state = torch.get_rng_state()
+    torch.manual_seed(0)
+    scores, labels = [], []
+    device = next(base.parameters()).device
+    for _ in range(batches):
+        x0 = data.get_batch(enc, batch_size, rng, split="val").to(device)
+        with ctx:
+            hidden, wrong, drafted = fca_drafts(base, x0, data.PROMPT_LEN, n_drafts=data.GEN_LEN // 4, fca=fca)
+            p_wrong = torch.sigmoid(head(hidden).float())
+        scores.append(p_wrong[drafted].cpu())
+        labels.append(wrong[drafted].cpu())
+    torch.set_rng_state(state)
+    s, y = torch.cat(scores), torch.cat(labels)
+    flagged = s > tau
+    return {"auroc": auroc(s, y), "positive_rate": y.float().mean().item(),
+            "precision": (flagged & y).sum().item() / max(1, flagged.sum().item()),
+            "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
+
+
+def pick_tau(base, head, enc, taus, n, ctx):
+    """The tau with the best validation accuracy at 4 tokens per step (ties: the higher tau)."""
+    problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
+    results = {}
+    for tau in taus:
+        head.config.tau = tau
+        with ctx:
+            responses, _ = decode_problems(base, enc, problems, steps=data.GEN_LEN // 4, head=head)
+        results[tau] = sum(data.score(problems, responses)) / len(problems)
+    best = max(taus, key=lambda tau: (results[tau], tau))
+    head.config.tau = best
+    return best, results
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.device = pick_device(args.device)
+    args.out = args.out or ("out/head_nofca.pt" if args.no_fca else "out/head.pt")
+    cuda = args.device.startswith("cuda")
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    enc = data.get_tokenizer()
+    try:
+        base, _ = load_model(args.base, data.tokenizer_id(enc))
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    base = base.to(args.device).requires_grad_(False).eval()  # frozen: DSC stage 2 never updates it
+    fingerprint = model_fingerprint(base)
+    config = HeadConfig(n_embd_in=base.config.n_embd, width=args.width, n_layer=args.n_layer)
+    head = CorrectionHead(config).to(args.device)
+    initial = {k: v.clone() for k, v in head.state_dict().items()}
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01, fused=cuda)
+    drafts_base = torch.compile(base) if cuda and not args.no_compile else base
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    peak, peak_name = peak_flops(args.device)
+    # per step: two base forward passes (2N FLOPs/token each) and the head's forward+backward (6N)
+    flops_per_step = args.batch_size * base.config.block_size * (4 * base.num_params() +
+                                                                 6 * sum(p.numel() for p in head.parameters()))
+    print(f"head {sum(p.numel() for p in head.parameters()) / 1e3:.0f}K parameters on frozen base {fingerprint} "
+          f"({'FCA' if not args.no_fca else 'no FCA'}), MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
+    t_start = time.time()
+    bar = tqdm(range(args.max_iters))
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(it, args)
+            x0 = data.get_batch(enc, args.batch_size, rng).to(args.device)
+            with ctx:
+                hidden, wrong, drafted = fca_drafts(drafts_base, x0, data.PROMPT_LEN, args.draft_tokens,
+                                                    fca=not args.no_fca)
+                loss = balanced_bce(head(hidden.float()), wrong, drafted)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            dt = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{loss.item():.3f}", wrong=f"{wrong.sum().item() / drafted.sum().item():.1%}",
+                            tok_s=f"{args.batch_size * base.config.block_size / dt:.0f}",
+                            mfu=f"{flops_per_step / dt / peak:.0%}")
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
+    head.eval()
+    tau, by_tau = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")], args.val_problems, ctx)
+    metrics = detection_metrics(base, head, enc, tau, ctx, fca=not args.no_fca)
+    save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
+                    tokenizer_id=data.tokenizer_id(enc), metrics=metrics, val_accuracy_by_tau=by_tau, config=vars(args))
+    print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t}: {a:.1%}" for t, a in by_tau.items()))
+    print(f"held-out drafts at 4 tokens/step: AUROC {metrics['auroc']:.3f}, positive rate {metrics['positive_rate']:.1%}, "
+          f"precision {metrics['precision']:.1%} and recall {metrics['recall']:.1%} at tau={tau} "
+          f"({metrics['drafts']} drafts)")
+    print(f"saved {args.out} after {time.time() - t_start:.0f} s")
+    return base, head, initial
+
+
+if __name__ == "__main__":
+    main()
