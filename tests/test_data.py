@@ -1,0 +1,85 @@
+import random
+
+import torch
+
+import data
+
+
+def test_tokenizer_round_trips_any_text(enc):
+    texts = ["(3+4)*7=3+4=7,7*7=49", "def f(xs):\n    return [x*3 for x in xs]\n", "héllo ünïcode → 数学 🙂\t\r\n  x"]
+    for text in texts:
+        assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_digits_are_single_tokens(enc):
+    pieces = [enc.decode([t]) for t in enc.encode_ordinary("123+4567=5690, x*10")]
+    assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))
+
+
+def test_vocabulary_is_small_with_eos_and_mask(enc):
+    assert enc.n_vocab < 1000
+    assert enc.decode([enc.eos]) == data.EOS and enc.decode([enc.mask]) == data.MASK
+    assert enc.mask == enc.n_vocab - 1  # the model's mask_id
+
+
+def test_every_problem_has_several_valid_responses():
+    rng = random.Random(0)
+    for task in data.TASKS:
+        for _ in range(50):
+            p = data.sample_problem(task, "train", rng)
+            assert len(set(p.responses)) >= 2
+
+
+def test_math_verifier_accepts_every_reference_and_rejects_wrong_answers():
+    rng = random.Random(1)
+    for _ in range(50):
+        p = data.sample_problem("math", "test", rng)
+        assert all(data.math_correct(p, r) for r in p.responses)
+        assert not data.math_correct(p, p.responses[0] + "1")
+        assert not data.math_correct(p, "")
+
+
+def test_code_verifier_accepts_every_reference_and_rejects_wrong_bodies():
+    rng = random.Random(2)
+    for _ in range(3):
+        p = data.sample_problem("code", "test", rng)
+        assert all(data.score([p] * len(p.responses), p.responses))
+        assert not data.code_correct(p, "    return None")
+        assert not data.code_correct(p, "    return sum(xs")  # syntax error
+
+
+def test_sandbox_contains_hostile_bodies(tmp_path):
+    p = data.fixed_problems("code", "test", 1)[0]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    hostile = ["    while True:\n        pass", "    import os\n    os.fork()\n    return 0",
+               "    x = bytearray(10 * 1024 ** 3)\n    return 0", f"    open({str(tmp_path / 'new.txt')!r}, 'w')\n    return 0",
+               f"    import os\n    os.remove({str(victim)!r})\n    return 0", "    print('x' * 10 ** 7)\n    return 0",
+               "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return 0",
+               "    import sys\n    sys.exit(0)", "    import shutil\n    shutil.rmtree('/tmp')"]
+    for body in hostile:
+        assert not data.code_correct(p, body), body
+    assert victim.read_text() == "keep" and not (tmp_path / "new.txt").exists()
+
+
+def test_splits_are_disjoint_and_test_prompts_never_in_training():
+    test_prompts = {p.prompt for t in data.TASKS for p in data.fixed_problems(t, "test")}
+    rng = random.Random(3)
+    train_prompts = {data.sample_problem(t, "train", rng).prompt for _ in range(3000) for t in data.TASKS}
+    assert not test_prompts & train_prompts
+    # and by construction: the split is a function of the problem's defining key
+    problem, key = data.code_problem(random.Random(4))
+    assert data.split_of(key) == data.split_of(key) and data.split_of(key) in ("train", "val", "test")
+
+
+def test_test_set_is_fixed_by_its_seed():
+    a = data.fixed_problems("math", "test", 20)
+    data.fixed_problems.cache_clear()
+    assert [p.prompt for p in data.fixed_problems("math", "test", 20)] == [p.prompt for p in a]
+
+
+def test_batches_have_the_fixed_layout(enc):
+    x = data.get_batch(enc, 8, random.Random(0))
+    assert x.shape == (8, data.PROMPT_LEN + data.GEN_LEN) and x.dtype == torch.long
+    assert (x[:, -1] == enc.eos).all()  # every response ends in EOS padding
+    assert not (x == enc.mask).any()

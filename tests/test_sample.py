@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+import data
+from sample import generate
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.calls = model, model.config, 0
+
+    def forward(self, x, **kwargs):
+        self.calls += 1
+        return self.model(x, **kwargs)
+
+
+def prompts(enc, n=3):
+    return torch.tensor([data.encode_prompt(enc, p.prompt) for p in data.fixed_problems("math", "test", n)])
+
+
+@pytest.mark.parametrize("steps,block_len", [(32, None), (8, None), (5, None), (1, None), (8, 8)])
+def test_exactly_steps_forward_passes_and_no_mask_left(tiny_model, enc, steps, block_len):
+    model, p = CountingModel(tiny_model), prompts(enc)
+    out, passes = generate(model, p, data.GEN_LEN, steps, block_len=block_len)
+    assert passes == model.calls == steps
+    assert not (out == enc.mask).any()
+    assert torch.equal(out[:, :data.PROMPT_LEN], p)  # the prompt is never changed
+
+
+def test_reveals_the_scheduled_count_per_step(tiny_model, enc):
+    masks_left = []
+    generate(tiny_model, prompts(enc), data.GEN_LEN, 5,
+             on_step=lambda s, x, back: masks_left.append((x == enc.mask).sum(1).tolist()))
+    revealed = [data.GEN_LEN - masks_left[0][0]] + [a[0] - b[0] for a, b in zip(masks_left, masks_left[1:])]
+    assert revealed == [7, 7, 6, 6, 6]  # 32 tokens spread evenly over 5 steps
+    assert all(len(set(row)) == 1 for row in masks_left)  # every row on the same schedule
+
+
+def test_blocks_fill_left_to_right(tiny_model, enc):
+    states = []
+    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, block_len=8, on_step=lambda s, x, back: states.append(x.clone()))
+    second_block = slice(data.PROMPT_LEN + 8, data.PROMPT_LEN + 16)
+    assert (states[1][:, second_block] == enc.mask).all()  # after block 1's two steps, block 2 untouched
+    assert not (states[1][:, data.PROMPT_LEN:data.PROMPT_LEN + 8] == enc.mask).any()
+
+
+def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
+    runs = [generate(tiny_model, prompts(enc), data.GEN_LEN, 8, temperature=1.0,
+                     generator=torch.Generator().manual_seed(5))[0] for _ in range(2)]
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("steps,block_len", [(0, None), (-1, None), (33, None), (8, 5), (6, 8)])
+def test_bad_steps_or_block_length_are_refused(tiny_model, enc, steps, block_len):
+    with pytest.raises(ValueError):
+        generate(tiny_model, prompts(enc), data.GEN_LEN, steps, block_len=block_len)
