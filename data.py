@@ -50,6 +50,7 @@ class Problem:
     prompt: str
     responses: list  # every valid response we know of; training draws one
     answer: object  # math: the int result; code: [(input list, expected)]
+    key: str = ""  # what defines the problem (math: the prompt; code: the spec): decides its split
 
 
 def split_of(key):
@@ -67,42 +68,48 @@ def _mul(a, b, rng):  # a product may be written either way round
 
 
 def math_problem(rng, level=2):
-    """One arithmetic problem. level 1: a+b+c; 2: adds a*b+c*d and (a+b)*c;
-    3: adds a*b+c*d+e*f. Each worked solution may take its steps in any free order."""
+    """One arithmetic problem. level 1: a+b+c; level 2 (default): also a*b+c*d and
+    (a+b)*c over digits 1-6; level 3: also a*b+c*d+e*f, digits 1-9. Each worked
+    solution may take its steps in any free order; results are written with a
+    fixed width of two digits (07), so every token's position follows from the form."""
     forms = {1: ["sum3"], 2: ["sum3", "prod2", "dist"], 3: ["sum3", "prod2", "dist", "prod3"]}[level]
     form = rng.choice(forms)
-    d = [rng.randint(1, 9) for _ in range(6)]
+    top = 6 if level == 2 else 9  # level 2 keeps sums of products under 100: learnable in the CPU budget
+    d = [rng.randint(1, top) for _ in range(6)]
     responses = []
     if form == "sum3":  # a+b+c: add any pair first
         a, b, c = d[:3]
         prompt, answer = f"{a}+{b}+{c}=", a + b + c
         for x, y, z in [(a, b, c), (a, c, b), (b, c, a)]:
-            responses.append(f"{x}+{y}={x + y},{x + y}+{z}={answer}")
+            responses.append(f"{x}+{y}={x + y:02d},{x + y:02d}+{z}={answer:02d}")
     elif form in ("prod2", "prod3"):  # sum of products: products in any order
         n = 2 if form == "prod2" else 3
         pairs = [(d[2 * i], d[2 * i + 1]) for i in range(n)]
         prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
         answer = sum(a * b for a, b in pairs)
         for order in ([0, 1], [1, 0]) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1]):
-            steps = [f"{_mul(*pairs[i], rng)}={pairs[i][0] * pairs[i][1]}" for i in order]
+            steps = [f"{_mul(*pairs[i], rng)}={pairs[i][0] * pairs[i][1]:02d}" for i in order]
             acc = pairs[order[0]][0] * pairs[order[0]][1]
             for i in order[1:]:
                 p = pairs[i][0] * pairs[i][1]
-                steps.append(f"{acc}+{p}={acc + p}")
+                steps.append(f"{acc:02d}+{p:02d}={acc + p:02d}")
                 acc += p
             responses.append(",".join(steps))
     else:  # (a+b)*c: add first, or distribute
         a, b, c = d[:3]
         prompt, answer = f"({a}+{b})*{c}=", (a + b) * c
-        responses.append(f"{a}+{b}={a + b},{_mul(a + b, c, rng)}={answer}")
-        responses.append(f"{_mul(a, c, rng)}={a * c},{_mul(b, c, rng)}={b * c},{a * c}+{b * c}={answer}")
-        responses.append(f"{_mul(b, c, rng)}={b * c},{_mul(a, c, rng)}={a * c},{b * c}+{a * c}={answer}")
-    return Problem("math", prompt, responses, answer), prompt
+        s = f"{a + b:02d}"
+        responses.append(f"{a}+{b}={s},{s}*{c}={answer:02d}" if rng.random() < 0.5 else f"{a}+{b}={s},{c}*{s}={answer:02d}")
+        ac, bc = f"{a * c:02d}", f"{b * c:02d}"
+        responses.append(f"{_mul(a, c, rng)}={ac},{_mul(b, c, rng)}={bc},{ac}+{bc}={answer:02d}")
+        responses.append(f"{_mul(b, c, rng)}={bc},{_mul(a, c, rng)}={ac},{bc}+{ac}={answer:02d}")
+    return Problem("math", prompt, responses, answer, prompt), prompt
 
 
 def math_correct(problem, response):
-    """Exact match of the final answer: whatever follows the last '='."""
-    return response.rsplit("=", 1)[-1].strip() == str(problem.answer)
+    """Exact match of the final answer: the number after the last '=' (written with two digits)."""
+    final = response.rsplit("=", 1)[-1].strip()
+    return final.isdigit() and int(final) == problem.answer
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +153,7 @@ def code_problem(rng, level=2):
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]
-    return Problem("code", prompt, bodies, [(t, result(t)) for t in tests]), spec
+    return Problem("code", prompt, bodies, [(t, result(t)) for t in tests], spec), spec
 
 
 # The sandbox: generated code runs in a separate Python process, in an empty
@@ -237,14 +244,18 @@ def sample_problem(task, split, rng, level=2):
 
 
 @lru_cache(maxsize=None)
-def fixed_problems(task, split="test", n=200, level=2, seed=TEST_SEED):
-    """A fixed list of n distinct problems: the same for every run and method."""
+def fixed_problems(task, split="test", n=150, level=2, seed=TEST_SEED):
+    """A fixed list of n distinct problems (no spec twice): the same for every run and method."""
     rng, seen, out = random.Random(f"{seed}-{task}-{split}-{level}"), set(), []
-    while len(out) < n:
+    for _ in range(200 * n):
+        if len(out) == n:
+            break
         p = sample_problem(task, split, rng, level)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
+        if p.key not in seen:
+            seen.add(p.key)
             out.append(p)
+    if len(out) < n:
+        raise ValueError(f"the {split} split of {task} level {level} has fewer than {n} distinct problems")
     return tuple(out)
 
 
@@ -326,9 +337,10 @@ def decode_response(enc, ids):
 
 
 def get_batch(enc, batch_size, rng, split="train", level=2):
-    """(B, PROMPT_LEN + GEN_LEN) token ids: half math, half code, one random valid response each."""
+    """(B, PROMPT_LEN + GEN_LEN) token ids, one random valid response each. Two thirds
+    math, one third code: code is learned mostly by copying and needs fewer steps."""
     rows = []
     for i in range(batch_size):
-        p = sample_problem(TASKS[i % 2], split, rng, level)
+        p = sample_problem("code" if i % 3 == 2 else "math", split, rng, level)
         rows.append(encode_prompt(enc, p.prompt) + encode_response(enc, rng.choice(p.responses)))
     return torch.tensor(rows, dtype=torch.long)
