@@ -123,13 +123,13 @@ def mask_response(x0, prompt_len, t, mask_id):
     return torch.where(masked, mask_id, x0), masked
 
 
-def mdlm_loss(model, x0, prompt_len, elbo_weight=False, t_low=0.0):
+def mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight=False, t_low=0.0):
     """Masked diffusion loss. Default: mean cross-entropy over masked positions
     (measured here to learn far faster than the ELBO at this scale); with
     elbo_weight, the MDLM bound: CE weighted by 1/t, summed, over response tokens.
     Returns (loss, logits, t, masked) so a caller can build on this forward pass."""
     t = antithetic_t(x0.shape[0], x0.device, low=t_low)
-    xt, masked = mask_response(x0, prompt_len, t, model.config.mask_id)
+    xt, masked = mask_response(x0, prompt_len, t, mask_id)
     logits = model(xt)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, T), dense: no indexing
     n_response = x0.shape[1] - prompt_len
@@ -143,6 +143,18 @@ def weighted_ce(ce, masked, t, n_response, elbo_weight):
     if elbo_weight:
         return (ce * w / t[:, None]).sum() / (ce.shape[0] * n_response)
     return (ce * w).sum() / w.sum().clamp(min=1)
+
+
+def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False):
+    """ProSeCo (METHOD.md 4): the masked loss, plus a corrector term. The model's own
+    argmax reconstruction y of every response position (no gradient through it,
+    even where the input was visible) is fed back in, and the model must map y to
+    x0 at every response position, weighted like the masked loss. t in [0.1, 1)."""
+    unmask, logits, t, _ = mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight, t_low=0.1)
+    is_response = (torch.arange(x0.shape[1], device=x0.device) >= prompt_len).expand_as(x0)
+    y = torch.where(is_response, logits.detach().argmax(-1), x0)
+    ce = F.cross_entropy(model(y).float().transpose(1, 2), x0, reduction="none")
+    return unmask + weighted_ce(ce, is_response, t, x0.shape[1] - prompt_len, elbo_weight)
 
 
 # -----------------------------------------------------------------------------
@@ -205,12 +217,18 @@ def load_model(path, tokenizer_id=None, made_by="python train_base.py"):
     if tokenizer_id is not None and ckpt.get("tokenizer_id") != tokenizer_id:
         raise CheckpointError(f"{path} was trained with tokenizer {ckpt.get('tokenizer_id')}, "
                               f"this code builds tokenizer {tokenizer_id}")
+    return rebuild(path, ckpt, GPT, GPTConfig), ckpt
+
+
+def rebuild(path, ckpt, module_cls, config_cls):
+    """module_cls(config_cls(**model_args)) with the checkpoint's weights, in eval mode;
+    CheckpointError if the saved config or weights do not fit the class."""
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
+        module = module_cls(config_cls(**ckpt["model_args"]))
+        module.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path} does not match this model: {str(e).splitlines()[0][:160]}")
-    return model.eval(), ckpt
+        raise CheckpointError(f"{path} does not match {module_cls.__name__}: {str(e).splitlines()[0][:160]}")
+    return module.eval()
 
 
 def model_fingerprint(model):
@@ -258,3 +276,30 @@ def lr_at(it, args):
         return args.lr * (it + 1) / args.warmup
     progress = min(1.0, (it - args.warmup) / max(1, args.max_iters - args.warmup))
     return args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def setup_distributed(device=None):
+    """(rank, local_rank, world size, device). Under torchrun (RANK is set) this joins the
+    process group: NCCL with one GPU per rank on CUDA, Gloo on CPU. Otherwise one process."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 0, 1, pick_device(device)
+    import torch.distributed as dist
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    return rank, local_rank, world, device
+
+
+def finish_distributed(model, world):
+    """Leave the process group, first checking that DDP kept every replica's weights identical."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+    prints = [None] * world
+    dist.all_gather_object(prints, model_fingerprint(model))
+    if dist.get_rank() == 0:
+        print(f"replicas identical across {world} ranks: {len(set(prints)) == 1}")
+    dist.destroy_process_group()
