@@ -13,19 +13,20 @@ scores the tokens revealed so far and the head sends likely-wrong ones back.
 """
 
 import argparse
-import random
+import os
 import sys
 
 import torch
 
 import data
-from corrector import random_remask, remask
-from model import CheckpointError, load_model, most_confident, propose
+from corrector import load_head, random_remask, remask
+from model import CheckpointError, load_model, model_fingerprint, most_confident, propose
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0, generator=None,
-             head=None, remask_counts=None, extend=False, on_step=None):
+             head=None, remask_counts=None, remdm_eta=0.0, extend=False, corrector_steps=0, corrector_every=1,
+             on_step=None):
     """Decode (B, P) prompt ids into (B, P + gen_len) tokens. Returns (tokens, forward passes).
 
     Steps are split evenly over semi-autoregressive blocks of block_len (default:
@@ -36,7 +37,12 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     budget (later steps reveal more to make room); extend=True is the paper's
     variant: the schedule is kept and corrections add steps (at most 2x).
     remask_counts (steps, B) is the random-remasking control: that many random
-    revealed tokens go back at each step. on_step(pass, x, sent_back) sees each step."""
+    revealed tokens go back at each step. remdm_eta > 0 is ReMDM-conf, training-free:
+    each step about eta * (tokens revealed) go back, drawn with probability
+    softmax(-confidence they were revealed with). corrector_steps=S > 0 is ProSeCo's sampler:
+    every corrector_every unmasking steps, correct() refines the revealed tokens
+    with up to S more forward passes, and the next step reveals from its last
+    logits. on_step(pass, x, sent_back) sees each unmasking step."""
     B, P = prompt_ids.shape
     mask_id = model.config.mask_id
     block_len = block_len or gen_len
@@ -49,16 +55,21 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     pos = torch.arange(P + gen_len, device=x.device)
     is_response = pos >= P
     stamps = torch.zeros_like(x)  # the remasking FIFO (corrector.remask)
+    revealed_with = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # ReMDM-conf: confidence at reveal
     n_blocks = gen_len // block_len
-    steps_per_block, passes = steps // n_blocks, 0
+    steps_per_block, passes, reuse, step_no = steps // n_blocks, 0, None, -1
     for blk in range(n_blocks):
         open_ = pos < P + (blk + 1) * block_len  # this block, and earlier positions sent back
         cap = steps_per_block * (2 if extend else 1)
         for s in range(cap):
             if extend and s >= steps_per_block and not ((x == mask_id) & open_).any():
                 break  # (the one host sync, and only in the extended variant)
-            logits, hidden = model(x, return_hidden=True)
-            passes += 1
+            step_no += 1
+            if reuse is None:
+                logits, hidden = model(x, return_hidden=True)
+                passes += 1
+            else:  # ProSeCo: reveal from the corrector's last forward pass
+                (logits, hidden), reuse = reuse, None
             x0, confidence = propose(logits, temperature, generator)
             masked = (x == mask_id) & open_
             sent_back = torch.zeros_like(masked)
@@ -69,16 +80,48 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
                     c = head.config
                     sent_back, stamps = remask(p_wrong, revealed, stamps, c.tau, c.max_remask, c.fifo_len)
                 elif remask_counts is not None:
-                    sent_back = random_remask(revealed, remask_counts[passes - 1], generator)
+                    sent_back = random_remask(revealed, remask_counts[step_no], generator)
+                elif remdm_eta > 0:
+                    sent_back = remdm_conf(revealed, revealed_with, remdm_eta, generator)
             n_masked = masked.sum(1)
             steps_left = max(steps_per_block - s, 1)
             owed = n_masked if extend else n_masked + sent_back.sum(1)  # hard budget: make room now
             k = torch.minimum(n_masked, torch.div(owed + steps_left - 1, steps_left, rounding_mode="floor"))
-            x = torch.where(most_confident(confidence, masked, k), x0, x)
+            reveal = most_confident(confidence, masked, k)
+            x = torch.where(reveal, x0, x)
+            revealed_with = torch.where(reveal, confidence, revealed_with)
             x = torch.where(sent_back, mask_id, x)
             if on_step is not None:
                 on_step(passes, x, sent_back)
+            if corrector_steps and (s + 1) % corrector_every == 0 and s < cap - 1:
+                x, reuse, n = correct(model, x, logits, is_response, corrector_steps)
+                passes += n
     return x, passes
+
+
+def remdm_conf(revealed, revealed_with, eta, generator=None):
+    """ReMDM-conf (METHOD.md 5): each revealed token goes back with probability
+    eta * n_revealed * softmax(-its confidence at reveal), so about eta * n_revealed
+    tokens per step, the least confident most often."""
+    weight = torch.where(revealed, -revealed_with, float("-inf")).softmax(dim=1).nan_to_num(0.0)
+    p = (eta * revealed.sum(1, keepdim=True) * weight).clamp(max=1.0)
+    return (torch.rand(p.shape, dtype=p.dtype, device=p.device, generator=generator) < p) & revealed
+
+
+def correct(model, x, logits, is_response, max_steps):
+    """ProSeCo's corrector loop (METHOD.md 4): fill every response position with the
+    argmax, then y <- argmax model(y) up to max_steps times, stopping at a fixed point.
+    Only positions already revealed in x take the result. Returns (x, the last
+    forward pass's (logits, hidden), forward passes made)."""
+    y = torch.where(is_response, logits.argmax(-1), x)
+    for n in range(1, max_steps + 1):
+        out = model(y, return_hidden=True)
+        y_next = torch.where(is_response, out[0].argmax(-1), y)
+        if torch.equal(y_next, y):  # a fixed point: more passes would change nothing
+            break
+        y = y_next
+    revealed = (x != model.config.mask_id) & is_response
+    return torch.where(revealed, y_next, x), out, n
 
 
 def decode_problems(model, enc, problems, steps, batch_size=256, **kwargs):
@@ -102,50 +145,56 @@ def show_canvas(enc, step, row, remasked):
     print(f"step {step:2d} | " + "".join(parts).replace("\n", "⏎"))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default="out/base.pt", help="base model checkpoint")
-    parser.add_argument("--steps", type=int, default=8, help=f"forward passes per response (of {data.GEN_LEN} tokens)")
+    parser.add_argument("--head", default="out/head.pt", help="DSC correction head, used when the file exists")
+    parser.add_argument("--no-head", action="store_true", help="decode with the base alone")
+    parser.add_argument("--extend", action="store_true", help="the paper's variant: corrections add forward passes")
+    parser.add_argument("--steps", type=int, default=8, help=f"forward passes per response of {data.GEN_LEN} tokens")
     parser.add_argument("--block-len", type=int, default=None, help="semi-autoregressive block length (default: one block)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples with Gumbel noise")
     parser.add_argument("--task", choices=data.TASKS, default=None, help="only this task (default: both)")
     parser.add_argument("--num", type=int, default=4, help="test prompts per task to decode")
-    parser.add_argument("--prompt", default=None, help="decode this prompt instead of test prompts")
-    parser.add_argument("--show", action="store_true", help="print the canvas after every step")
+    parser.add_argument("--prompt", default=None, help=r"decode this prompt instead (write a newline as \n)")
+    parser.add_argument("--show", action="store_true", help="print the canvas after every step; [x] marks tokens sent back")
     parser.add_argument("--seed", type=int, default=0, help="random seed (matters when temperature > 0)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     enc = data.get_tokenizer()
     try:
         model, _ = load_model(args.ckpt, data.tokenizer_id(enc))
+        head = None
+        if not args.no_head and os.path.exists(args.head):
+            head, _ = load_head(args.head, model_fingerprint(model))
+            print(f"using the correction head {args.head} (tau={head.config.tau}; --no-head to decode without it)")
         if args.prompt is not None:
-            prompt = args.prompt.encode().decode("unicode_escape") if "\\n" in args.prompt else args.prompt
-            problems = [data.Problem("custom", prompt, [], None)]
-            data.encode_prompt(enc, prompt)  # fail early, with the reason, if it does not fit
+            problems = [data.Problem("custom", args.prompt.replace("\\n", "\n"), [], None)]
         else:
-            tasks = [args.task] if args.task else list(data.TASKS)
-            problems = [p for t in tasks for p in data.fixed_problems(t, "test")[:args.num]]
+            problems = [p for t in ([args.task] if args.task else data.TASKS) for p in data.fixed_problems(t, "test")[:args.num]]
+        prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems])
         generator = torch.Generator().manual_seed(args.seed)
-        for p in problems:
-            prompts = torch.tensor([data.encode_prompt(enc, p.prompt)])
+        outputs = []
+        for i, p in enumerate(problems):
             if args.show:
-                print("-" * 60 + "\n" + p.prompt)
-            on_step = (lambda s, x, r: show_canvas(enc, s, x[0], r[0])) if args.show else None
-            out, passes = generate(model, prompts, data.GEN_LEN, args.steps, args.block_len, args.temperature,
-                                   generator, on_step=on_step)
-            p.output = data.decode_response(enc, out[0, data.PROMPT_LEN:].tolist())
+                print("-" * 60 + "\n" + p.prompt.rstrip())
+            on_step = (lambda s, x, back: show_canvas(enc, s, x[0], back[0])) if args.show else None
+            out, passes = generate(model, prompts[i:i + 1], data.GEN_LEN, args.steps, args.block_len, args.temperature,
+                                   generator, head=head, extend=args.extend, on_step=on_step)
+            outputs.append((data.decode_response(enc, out[0, data.PROMPT_LEN:].tolist()), passes))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    judged = [p for p in problems if p.task in data.TASKS]
-    verdicts = data.score(judged, [p.output for p in judged])
-    verdict = dict(zip(map(id, judged), verdicts))
-    for p in problems:
-        mark = {True: "RIGHT", False: "WRONG"}.get(verdict.get(id(p)), "")
-        print("=" * 60 + f"\n{p.prompt.rstrip()}\n--> {mark} ({passes} forward passes)\n{p.output}")
+    judged = [i for i, p in enumerate(problems) if p.task in data.TASKS]
+    verdicts = dict(zip(judged, data.score([problems[i] for i in judged], [outputs[i][0] for i in judged])))
+    for i, (p, (response, passes)) in enumerate(zip(problems, outputs)):
+        mark = {True: "RIGHT", False: "WRONG"}.get(verdicts.get(i), "")
+        print("=" * 60 + f"\n{p.prompt.rstrip()}\n--> {mark} ({passes} forward passes)\n{response}")
     if judged:
-        print("=" * 60 + f"\naccuracy {sum(verdicts)}/{len(judged)} at {data.GEN_LEN / args.steps:.1f} tokens per step")
+        right = sum(verdicts.values())
+        print("=" * 60 + f"\naccuracy {right}/{len(judged)} at {data.GEN_LEN / args.steps:.1f} tokens per step"
+              f"{' with the head' if head is not None else ''}")
 
 
 if __name__ == "__main__":
