@@ -3,15 +3,16 @@ Train the masked diffusion LM from scratch on both task families.
 
     python train_base.py                      # CPU default: ~25 minutes on 2 cores
     python train_base.py --resume             # continue out/base.pt
+    python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
 
 One flat loop: batch, forward, backward, step, log, evaluate, checkpoint. The
-checkpoint (out/base.pt) holds the latest state: written at each evaluation and
-when the run is interrupted (Ctrl-C or SIGTERM), atomically.
+checkpoint (out/base.pt) holds the best state by validation accuracy, written at
+each evaluation that matches or beats it, and the current state when the run is
+interrupted (Ctrl-C or SIGTERM), so --resume loses nothing. Writes are atomic.
 """
 
 import argparse
-import os
 import random
 import signal
 import sys
@@ -23,20 +24,23 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import (GPT, CheckpointError, GPTConfig, load_checkpoint, lr_at, mdlm_loss, peak_flops, pick_device,
-                   save_checkpoint)
+from model import (GPT, CheckpointError, GPTConfig, finish_distributed, load_checkpoint, lr_at, mdlm_loss, peak_flops,
+                   proseco_loss, save_checkpoint, setup_distributed)
 from sample import decode_problems
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/base.pt", help="checkpoint path")
+    p.add_argument("--objective", choices=["mdlm", "proseco"], default="mdlm",
+                   help="mdlm: the masked diffusion loss; proseco: jointly trained to unmask and correct")
+    p.add_argument("--out", default=None, help="checkpoint path (default: out/base.pt, or out/proseco.pt)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--n-layer", type=int, default=None, help="transformer blocks (default: 4 on CPU, 8 on CUDA)")
     p.add_argument("--n-embd", type=int, default=None, help="width (default: 192 on CPU, 512 on CUDA)")
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default: 6 on CPU, 8 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 128 CPU, 512 CUDA)")
-    p.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default: 1400 CPU, 4000 CUDA)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="optimizer steps (default: 1500 CPU, 4000 CUDA; half for proseco, whose step costs two)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
@@ -63,7 +67,7 @@ def validate(model, enc, args, ctx):
     for _ in range(4):
         x0 = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level).to(args.device)
         with ctx:
-            losses.append(mdlm_loss(model, x0, data.PROMPT_LEN, args.elbo_weight)[0].item())
+            losses.append(mdlm_loss(model, x0, data.PROMPT_LEN, enc.mask, args.elbo_weight)[0].item())
     torch.set_rng_state(state)
     acc = {}
     for task in data.TASKS:
@@ -77,27 +81,19 @@ def validate(model, enc, args, ctx):
 
 def main(argv=None):
     args = get_args(argv)
-    # distributed: torchrun sets RANK; each rank gets its own device and data stream
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        from torch.distributed import init_process_group
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        init_process_group(backend=backend)
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        args.device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"
-        if backend == "nccl":
-            torch.cuda.set_device(args.device)
-    else:
-        rank, world = 0, 1
-        args.device = pick_device(args.device)
+    rank, local_rank, world, args.device = setup_distributed(args.device)  # torchrun: one rank per device
+    ddp = world > 1
     master = rank == 0
     cuda = args.device.startswith("cuda")
     # defaults sized for the machine: a CPU run that fits in ~25 minutes, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
-                                        ("batch_size", 128, 512), ("max_iters", 1400, 4000)]:
+                                        ("batch_size", 128, 512), ("max_iters", 1500, 4000)]:
         if getattr(args, name) is None:
             setattr(args, name, cuda_value if cuda else cpu_value)
+            if name == "max_iters" and args.objective == "proseco":
+                args.max_iters //= 2  # two forward/backward passes a step: the same wall-clock budget
+    args.out = args.out or ("out/proseco.pt" if args.objective == "proseco" else "out/base.pt")
+    loss_fn = proseco_loss if args.objective == "proseco" else lambda *a: mdlm_loss(*a)[0]
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
     if cuda:
@@ -129,6 +125,7 @@ def main(argv=None):
     if cuda and not args.no_compile:
         model = torch.compile(model)  # static shapes: one compilation serves the whole run
     if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if cuda else None)
 
     def checkpoint(it):
@@ -146,6 +143,7 @@ def main(argv=None):
               f"{tokens_per_iter} tokens/step, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
     done = start_iter  # optimizer steps completed: what a checkpoint records
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master)
+    train_seconds = 0.0  # time in training steps only, for the average tok/s and MFU
     try:
         for it in bar:
             t0 = time.perf_counter()
@@ -153,7 +151,7 @@ def main(argv=None):
                 group["lr"] = lr_at(it, args)
             x0 = data.get_batch(enc, args.batch_size, rng, level=args.level).to(args.device)
             with ctx:
-                loss = mdlm_loss(model, x0, data.PROMPT_LEN, args.elbo_weight)[0]
+                loss = loss_fn(model, x0, data.PROMPT_LEN, enc.mask, args.elbo_weight)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights; the last checkpoint stays
                 bar.close()
                 sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")
@@ -165,26 +163,32 @@ def main(argv=None):
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            train_seconds += dt
             tok_s = tokens_per_iter / dt
             mfu = tok_s * raw_model.flops_per_token() / peak / world
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.0%}")
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_iters:
                 if master:
                     val_loss, acc = validate(raw_model, enc, args, ctx)
-                    best_val = max(best_val, sum(acc.values()) / len(acc))
-                    tqdm.write(f"step {it + 1}/{args.max_iters}: val loss {val_loss:.4f}, "
-                               f"val acc (1 token/step) " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
-                checkpoint(done)
+                    score = sum(acc.values()) / len(acc)
+                    improved = score >= best_val
+                    best_val = max(best_val, score)
+                    tqdm.write(f"step {it + 1}/{args.max_iters}: val loss {val_loss:.4f}, val acc (1 token/step) "
+                               + ", ".join(f"{k} {v:.1%}" for k, v in acc.items())
+                               + ("" if improved else f"; below the best {best_val:.1%}, not saved"))
+                    if improved:
+                        checkpoint(done)  # out/base.pt holds the best evaluated state
     except KeyboardInterrupt:
         bar.close()
         checkpoint(done)  # --resume redoes no step and skips none
         if master:
             print(f"interrupted after step {done}: saved {args.out}; continue with --resume")
         sys.exit(130)
-    if ddp:
-        from torch.distributed import destroy_process_group
-        destroy_process_group()
-
+    if master and done > start_iter:
+        tok_s = (done - start_iter) * tokens_per_iter / train_seconds
+        print(f"trained steps {start_iter}..{done} in {train_seconds / 60:.1f} min of steps: {tok_s:.0f} tokens/s, "
+              f"MFU {tok_s * raw_model.flops_per_token() / peak / world:.0%} of {peak / 1e9:.0f} GFLOP/s")
+    finish_distributed(raw_model, world)
 
 if __name__ == "__main__":
     main()
