@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, CheckpointError, load_checkpoint, mask_response, most_confident, propose
+from model import Block, CheckpointError, load_checkpoint, mask_response, most_confident, propose, rebuild
 
 
 @dataclass
@@ -121,10 +121,4 @@ def load_head(path, base_fingerprint=None):
     if base_fingerprint is not None and ckpt.get("base_fingerprint") != base_fingerprint:
         raise CheckpointError(f"{path} was trained on base {ckpt.get('base_fingerprint')}, but the base "
                               f"loaded is {base_fingerprint}; retrain it with `python train_head.py`")
-    try:
-        head = CorrectionHead(HeadConfig(**ckpt["model_args"]))
-        head.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path} does not match CorrectionHead: {str(e).splitlines()[0][:160]}")
-    return head.eval(), ckpt
-
+    return rebuild(path, ckpt, CorrectionHead, HeadConfig), ckpt

@@ -4,12 +4,16 @@ equal forward passes, on the fixed test set, scored by data.py's verifiers.
 
     python eval.py                 # markdown table on stdout, JSON in out/eval.json
     python eval.py --plot          # also out/eval.png (needs matplotlib)
+    python eval.py --speed         # also time one decoding step: base pass vs head, and the head's share
 
 Methods (each needs its checkpoint; a missing head is skipped with a note):
     base      the base alone (LLaDA low-confidence decoding)
     dsc       base + the DSC head trained with FCA        (out/head.pt)
     no-fca    base + the head trained without FCA         (out/head_nofca.pt)
     random    base + random remasking of as many tokens as the DSC head sent back, step by step
+    remdm     base + ReMDM-conf remasking, training-free
+    proseco-plain   the ProSeCo model decoded like the base               (out/proseco.pt)
+    proseco   the ProSeCo model with its corrector loop between unmasking steps
 Nothing is cached: every number comes from decoding in this run.
 """
 
@@ -46,15 +50,19 @@ def main(argv=None):
     parser.add_argument("--base", default="out/base.pt", help="base checkpoint")
     parser.add_argument("--head", default="out/head.pt", help="DSC head (FCA)")
     parser.add_argument("--head-nofca", default="out/head_nofca.pt", help="ablation head (no FCA)")
-    parser.add_argument("--num", type=int, default=200, help="test problems per task")
+    parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
+    parser.add_argument("--remdm-eta", type=float, default=0.05, help="ReMDM-conf: tokens sent back per step per revealed token")
+    parser.add_argument("--corrector-steps", type=int, default=1, help="ProSeCo: corrector passes S per loop")
+    parser.add_argument("--corrector-every", type=int, default=1, help="ProSeCo: a corrector loop every omega steps")
+    parser.add_argument("--num", type=int, default=150, help="test problems per task")
     parser.add_argument("--tokens-per-step", default="1,2,4,8", help="budgets to evaluate")
     parser.add_argument("--out", default="out/eval.json", help="where the JSON results go")
     parser.add_argument("--plot", action="store_true", help="write accuracy vs tokens per step to out/eval.png")
+    parser.add_argument("--speed", action="store_true", help="time the base pass and the head in a decoding step")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    torch.set_grad_enabled(False)
     enc = data.get_tokenizer()
     try:
         base, _ = load_model(args.base, data.tokenizer_id(enc))
@@ -66,6 +74,12 @@ def main(argv=None):
             else:
                 print(f"note: skipping {name}: {path} does not exist (python train_head.py"
                       f"{' --no-fca' if name == 'no-fca' else ''} makes it)", file=sys.stderr)
+        proseco = None
+        if os.path.exists(args.proseco):
+            proseco, _ = load_model(args.proseco, data.tokenizer_id(enc))
+        else:
+            print(f"note: skipping proseco: {args.proseco} does not exist "
+                  "(python train_base.py --objective proseco makes it)", file=sys.stderr)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
 
@@ -75,14 +89,19 @@ def main(argv=None):
         problems = list(data.fixed_problems(task, "test", args.num))
         for k in budgets:
             steps = data.GEN_LEN // k
-            dsc_counts = None
-            methods = [("base", {})] + [(name, {"head": h}) for name, h in heads.items()]
+            dsc_counts, seeded = None, lambda: torch.Generator().manual_seed(args.seed)
+            methods = [("base", base, {})] + [(name, base, {"head": h}) for name, h in heads.items()]
             if "dsc" in heads:
-                methods.append(("random", None))  # filled in from the DSC run below
-            for name, kwargs in methods:
+                methods.append(("random", base, None))  # replays the DSC run's per-step counts
+            methods.append(("remdm", base, {"remdm_eta": args.remdm_eta, "generator": seeded()}))
+            if proseco is not None:
+                methods += [("proseco-plain", proseco, {}),
+                            ("proseco", proseco, {"corrector_steps": args.corrector_steps,
+                                                  "corrector_every": args.corrector_every})]
+            for name, model, kwargs in methods:
                 if name == "random":
-                    kwargs = {"remask_counts": dsc_counts, "generator": torch.Generator().manual_seed(args.seed)}
-                responses, passes, seconds, counts = run(base, enc, problems, steps, **kwargs)
+                    kwargs = {"remask_counts": dsc_counts, "generator": seeded()}
+                responses, passes, seconds, counts = run(model, enc, problems, steps, **kwargs)
                 if name == "dsc":
                     dsc_counts = counts
                 accuracy = sum(data.score(problems, responses)) / len(problems)
@@ -102,6 +121,28 @@ def main(argv=None):
         json.dump({"rows": rows, "num_problems": args.num, "base": args.base, "base_fingerprint": fingerprint}, f, indent=1)
     if args.plot:
         plot(rows, os.path.splitext(args.out)[0] + ".png")
+    if args.speed and "dsc" in heads:
+        base_ms, head_ms = step_time(base, heads["dsc"], enc, args.num)
+        print(f"\none decoding step, batch of {args.num}: base forward {base_ms:.2f} ms, head {head_ms:.2f} ms: "
+              f"the head adds {head_ms / base_ms:.1%} to a step (median of 30)")
+
+
+@torch.no_grad()
+def step_time(base, head, enc, batch_size, repeats=30):
+    """Median milliseconds of the base forward pass and of the head on its hidden states."""
+    x = torch.tensor([data.encode_prompt(enc, p.prompt) + [enc.mask] * data.GEN_LEN
+                      for p in data.fixed_problems("code", "test", batch_size)])
+    base_t, head_t = [], []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        _, hidden = base(x, return_hidden=True)
+        t1 = time.perf_counter()
+        torch.sigmoid(head(hidden).float())
+        t2 = time.perf_counter()
+        base_t.append(t1 - t0)
+        head_t.append(t2 - t1)
+    median = lambda v: sorted(v[3:])[len(v[3:]) // 2] * 1000  # noqa: E731 (first 3 are warm-up)
+    return median(base_t), median(head_t)
 
 
 def plot(rows, path):

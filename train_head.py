@@ -3,12 +3,13 @@ Train the DSC correction head on the frozen base's own mistakes.
 
     python train_head.py             # FCA head -> out/head.pt (CPU default: a few minutes)
     python train_head.py --no-fca    # the ablation: drafts made and judged in one context
+    torchrun --nproc_per_node=2 train_head.py   # DistributedDataParallel over the head
 
 The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
 under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts)
 and trains only the head, with the rare 'wrong' class weighted up. At the end
-the head reports, on held-out drafts made at 4 tokens per step, its AUROC, the
-positive rate and precision/recall at tau, and tau is picked on validation
+the head reports, on held-out validation drafts made the same way, its AUROC,
+the positive rate and precision/recall at tau, and tau is picked on validation
 problems by decoding accuracy at 4 tokens per step.
 """
 
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
-from model import CheckpointError, load_model, lr_at, model_fingerprint, peak_flops, pick_device, save_checkpoint
+from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
+                   setup_distributed)
 from sample import decode_problems
 
 
@@ -42,8 +44,9 @@ def get_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--draft-tokens", type=int, default=8, help="drafts per example (gen_len * dt); more drafts, more errors")
-    p.add_argument("--taus", default="0.3,0.5,0.7,0.9", help="remask thresholds tried on validation")
+    p.add_argument("--draft-tokens", type=int, default=16,
+                   help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
+    p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
@@ -51,8 +54,8 @@ def get_args(argv=None):
 
 
 @torch.no_grad()
-def detection_metrics(base, head, enc, tau, ctx, fca, batches=8, batch_size=128):
-    """AUROC, positive rate, precision and recall at tau on held-out drafts made at 4 tokens per step."""
+def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch_size=128):
+    """AUROC, positive rate, precision and recall at tau on held-out (validation) drafts."""
     rng = random.Random(0)
     state = torch.get_rng_state()
     torch.manual_seed(0)
@@ -61,7 +64,7 @@ def detection_metrics(base, head, enc, tau, ctx, fca, batches=8, batch_size=128)
     for _ in range(batches):
         x0 = data.get_batch(enc, batch_size, rng, split="val").to(device)
         with ctx:
-            hidden, wrong, drafted = fca_drafts(base, x0, data.PROMPT_LEN, n_drafts=data.GEN_LEN // 4, fca=fca)
+            hidden, wrong, drafted = fca_drafts(base, x0, data.PROMPT_LEN, n_drafts, fca=fca)
             p_wrong = torch.sigmoid(head(hidden).float())
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
@@ -89,11 +92,12 @@ def pick_tau(base, head, enc, taus, n, ctx):
 
 def main(argv=None):
     args = get_args(argv)
-    args.device = pick_device(args.device)
+    rank, local_rank, world, args.device = setup_distributed(args.device)  # torchrun: one rank per device
+    master = rank == 0
     args.out = args.out or ("out/head_nofca.pt" if args.no_fca else "out/head.pt")
     cuda = args.device.startswith("cuda")
-    torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)  # the same initial head on every rank
+    rng = random.Random(args.seed + rank)  # each rank its own data stream
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -109,6 +113,10 @@ def main(argv=None):
     head = CorrectionHead(config).to(args.device)
     initial = {k: v.clone() for k, v in head.state_dict().items()}
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=0.01, fused=cuda)
+    train_step_head = head
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_step_head = DDP(head, device_ids=[local_rank] if cuda else None)
     drafts_base = torch.compile(base) if cuda and not args.no_compile else base
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -116,10 +124,11 @@ def main(argv=None):
     # per step: two base forward passes (2N FLOPs/token each) and the head's forward+backward (6N)
     flops_per_step = args.batch_size * base.config.block_size * (4 * base.num_params() +
                                                                  6 * sum(p.numel() for p in head.parameters()))
-    print(f"head {sum(p.numel() for p in head.parameters()) / 1e3:.0f}K parameters on frozen base {fingerprint} "
-          f"({'FCA' if not args.no_fca else 'no FCA'}), MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
+    if master:
+        print(f"head {sum(p.numel() for p in head.parameters()) / 1e3:.0f}K parameters on frozen base {fingerprint} "
+              f"({'FCA' if not args.no_fca else 'no FCA'}) x{world}, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
     t_start = time.time()
-    bar = tqdm(range(args.max_iters))
+    bar = tqdm(range(args.max_iters), disable=not master)
     try:
         for it in bar:
             t0 = time.perf_counter()
@@ -129,7 +138,7 @@ def main(argv=None):
             with ctx:
                 hidden, wrong, drafted = fca_drafts(drafts_base, x0, data.PROMPT_LEN, args.draft_tokens,
                                                     fca=not args.no_fca)
-                loss = balanced_bce(head(hidden.float()), wrong, drafted)
+                loss = balanced_bce(train_step_head(hidden.float()), wrong, drafted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,15 +150,17 @@ def main(argv=None):
         bar.close()
         print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
     head.eval()
-    tau, by_tau = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")], args.val_problems, ctx)
-    metrics = detection_metrics(base, head, enc, tau, ctx, fca=not args.no_fca)
-    save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
-                    tokenizer_id=data.tokenizer_id(enc), metrics=metrics, val_accuracy_by_tau=by_tau, config=vars(args))
-    print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t}: {a:.1%}" for t, a in by_tau.items()))
-    print(f"held-out drafts at 4 tokens/step: AUROC {metrics['auroc']:.3f}, positive rate {metrics['positive_rate']:.1%}, "
-          f"precision {metrics['precision']:.1%} and recall {metrics['recall']:.1%} at tau={tau} "
-          f"({metrics['drafts']} drafts)")
-    print(f"saved {args.out} after {time.time() - t_start:.0f} s")
+    if master:
+        tau, by_tau = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")], args.val_problems, ctx)
+        metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
+        save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
+                        tokenizer_id=data.tokenizer_id(enc), metrics=metrics, val_accuracy_by_tau=by_tau, config=vars(args))
+        print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t}: {a:.1%}" for t, a in by_tau.items()))
+        print(f"held-out drafts ({args.draft_tokens} at once): AUROC {metrics['auroc']:.3f}, positive rate {metrics['positive_rate']:.1%}, "
+              f"precision {metrics['precision']:.1%} and recall {metrics['recall']:.1%} at tau={tau} "
+              f"({metrics['drafts']} drafts)")
+        print(f"saved {args.out} after {time.time() - t_start:.0f} s")
+    finish_distributed(head, world)
     return base, head, initial
 
 
