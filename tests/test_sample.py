@@ -57,3 +57,52 @@ def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
 def test_bad_steps_or_block_length_are_refused(tiny_model, enc, steps, block_len):
     with pytest.raises(ValueError):
         generate(tiny_model, prompts(enc), data.GEN_LEN, steps, block_len=block_len)
+
+
+@pytest.fixture
+def ckpt(tmp_path, tiny_model, enc):
+    from model import save_checkpoint
+    path = str(tmp_path / "base.pt")
+    save_checkpoint(path, model=tiny_model.state_dict(), model_args=vars(tiny_model.config),
+                    tokenizer_id=data.tokenizer_id(enc))
+    return path
+
+
+def run_cli(*argv):
+    """sample.py's exit message, or None if it ran to the end."""
+    from sample import main
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        return str(e.code)
+
+
+def test_cli_names_a_missing_checkpoint_and_the_command_that_makes_it(tmp_path):
+    assert run_cli("--ckpt", str(tmp_path / "base.pt")) == \
+        f"error: {tmp_path / 'base.pt'} does not exist; run `python train_base.py` to make it"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps must be between 1 and the generation length 32, got 0"),
+    (["--steps", "-3"], "--steps must be between 1 and the generation length 32, got -3"),
+    (["--steps", "64"], "--steps must be between 1 and the generation length 32, got 64"),
+    (["--steps", "8", "--block-len", "5"], "the block length (5) must divide the generation length"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "1+" * 40], "longer than the 48 the model reads"),
+])
+def test_cli_bad_input_is_one_clear_line(ckpt, argv, message):
+    error = run_cli("--ckpt", ckpt, "--no-head", "--num", "1", *argv)
+    assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_cli_decodes_any_text_prompt(ckpt, capsys):
+    assert run_cli("--ckpt", ckpt, "--no-head", "--prompt", "héllo → 数学 🙂\\n", "--steps", "4") is None
+    assert "héllo → 数学 🙂" in capsys.readouterr().out
+
+
+def test_same_seed_prints_the_same_text(ckpt, capsys):
+    outputs = []
+    for _ in range(2):
+        run_cli("--ckpt", ckpt, "--no-head", "--num", "2", "--temperature", "1.0", "--seed", "3")
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and "accuracy" in outputs[0]

@@ -33,3 +33,69 @@ def test_head_training_changes_the_head_and_leaves_the_base_bit_for_bit(tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(initial.values(), head.state_dict().values()))
     saved = load_checkpoint(head_path)
     assert saved["base_fingerprint"] and "auroc" in saved["metrics"]
+
+
+def test_sigterm_saves_a_consistent_checkpoint_that_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "base.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "train_base.py"), *TINY, "--out", str(out),
+                             "--max-iters", "100000", "--eval-every", "3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 120
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "continue with --resume" in stdout
+    ckpt = load_checkpoint(str(out))
+    steps = {s["step"].item() for s in ckpt["optimizer"]["state"].values()}
+    assert ckpt["iter"] >= 3 and steps == {ckpt["iter"]}  # model, optimizer and step agree
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import pytest
+    out = str(tmp_path / "base.pt")
+    train_base.main(TINY + ["--out", out, "--max-iters", "2", "--eval-every", "2"])
+    monkeypatch.setattr(train_base, "mdlm_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True),))
+    with pytest.raises(SystemExit, match="loss became nan at step 2"):
+        train_base.main(TINY + ["--out", out, "--max-iters", "4", "--eval-every", "2", "--resume"])
+    assert load_checkpoint(out)["iter"] == 2
+
+
+def test_head_training_and_eval_without_a_base_say_what_to_run(tmp_path):
+    import pytest
+    import eval as evaluate
+    missing = str(tmp_path / "base.pt")
+    for main, flag in [(train_head.main, "--base"), (evaluate.main, "--base")]:
+        with pytest.raises(SystemExit, match=r"base.pt does not exist; run `python train_base.py`"):
+            main([flag, missing])
+
+
+def test_a_head_trained_on_another_base_is_refused(tmp_path):
+    from corrector import CorrectionHead, HeadConfig, load_head
+    from model import CheckpointError, save_checkpoint
+    import pytest
+    path = str(tmp_path / "head.pt")
+    head = CorrectionHead(HeadConfig(n_embd_in=32, width=16))
+    save_checkpoint(path, model=head.state_dict(), model_args=vars(head.config), base_fingerprint="aaaa")
+    with pytest.raises(CheckpointError, match="head.pt was trained on base aaaa, but the base loaded is bbbb"):
+        load_head(path, "bbbb")
+
+
+def test_torchrun_two_cpu_ranks_keep_identical_replicas_and_save_one_checkpoint(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "base.pt"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                             os.path.join(root, "train_base.py"), *TINY, "--out", str(out), "--max-iters", "3",
+                             "--eval-every", "3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "replicas identical across 2 ranks: True" in result.stdout
+    assert load_checkpoint(str(out))["iter"] == 3
