@@ -138,6 +138,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)
     tokens_per_iter = args.batch_size * config.block_size * world
+    flops_per_token = raw_model.flops_per_token() * (2 if args.objective == "proseco" else 1)  # proseco: 2 passes
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters on {args.device} x{world}, "
               f"{tokens_per_iter} tokens/step, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
@@ -165,7 +166,7 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             train_seconds += dt
             tok_s = tokens_per_iter / dt
-            mfu = tok_s * raw_model.flops_per_token() / peak / world
+            mfu = tok_s * flops_per_token / peak / world
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.0%}")
             if (it + 1) % args.eval_every == 0 or it + 1 == args.max_iters:
                 if master:
@@ -187,7 +188,7 @@ def main(argv=None):
     if master and done > start_iter:
         tok_s = (done - start_iter) * tokens_per_iter / train_seconds
         print(f"trained steps {start_iter}..{done} in {train_seconds / 60:.1f} min of steps: {tok_s:.0f} tokens/s, "
-              f"MFU {tok_s * raw_model.flops_per_token() / peak / world:.0%} of {peak / 1e9:.0f} GFLOP/s")
+              f"MFU {tok_s * flops_per_token / peak / world:.0%} of {peak / 1e9:.0f} GFLOP/s")
     finish_distributed(raw_model, world)
 
 if __name__ == "__main__":

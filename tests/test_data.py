@@ -56,9 +56,17 @@ def test_sandbox_contains_hostile_bodies(tmp_path):
                f"    import os\n    os.remove({str(victim)!r})\n    return 0", "    print('x' * 10 ** 7)\n    return 0",
                "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return 0",
                "    import sys\n    sys.exit(0)", "    import shutil\n    shutil.rmtree('/tmp')"]
-    for body in hostile:
-        assert not data.code_correct(p, body), body
+    verdicts = data.score([p] * len(hostile), hostile)  # the evaluation goes on past each failure
+    assert not any(verdicts)
     assert victim.read_text() == "keep" and not (tmp_path / "new.txt").exists()
+
+
+def test_sandbox_ends_an_infinite_loop_within_its_limit():
+    import time
+    p = data.fixed_problems("code", "test", 1)[0]
+    t0 = time.monotonic()
+    assert not data.code_correct(p, "    while True:\n        pass")
+    assert time.monotonic() - t0 < 10  # CPU limit 2 s, wall clock 5 s
 
 
 def test_splits_are_disjoint_and_test_prompts_never_in_training():

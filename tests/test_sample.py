@@ -106,3 +106,49 @@ def test_same_seed_prints_the_same_text(ckpt, capsys):
         run_cli("--ckpt", ckpt, "--no-head", "--num", "2", "--temperature", "1.0", "--seed", "3")
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and "accuracy" in outputs[0]
+
+
+class NeverSettles(torch.nn.Module):
+    """A stand-in model whose argmax is always (input + 1): it has no fixed point."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.calls = config, 0
+
+    def forward(self, x, return_hidden=False):
+        self.calls += 1
+        logits = torch.nn.functional.one_hot((x + 1) % (self.config.vocab_size - 1), self.config.vocab_size).float()
+        return (logits, logits) if return_hidden else logits
+
+
+def half_revealed(tiny_model, enc):
+    x, _ = generate(tiny_model, prompts(enc), data.GEN_LEN, 4)
+    x[:, data.PROMPT_LEN::2] = enc.mask  # every other response token masked again
+    return x, tiny_model(x)
+
+
+def test_corrector_loop_stops_at_a_fixed_point_and_writes_back_only_revealed_tokens(tiny_model, enc):
+    from sample import correct
+    x, logits = half_revealed(tiny_model, enc)
+    is_response = torch.arange(x.shape[1]) >= data.PROMPT_LEN
+    model = CountingModel(tiny_model)
+    out, (last_logits, _), passes = correct(model, x, logits, is_response, max_steps=20)
+    assert passes == model.calls < 20  # it settled before the limit
+    revealed = (x != enc.mask) & is_response
+    assert torch.equal(last_logits.argmax(-1)[revealed], out[revealed])  # a fixed point: one more pass changes nothing
+    assert torch.equal(out[~revealed], x[~revealed])  # masks and prompt untouched
+
+
+def test_corrector_loop_without_a_fixed_point_stops_after_S_passes(tiny_model, enc):
+    from sample import correct
+    x, logits = half_revealed(tiny_model, enc)
+    model = NeverSettles(tiny_model.config)
+    _, _, passes = correct(model, x, logits, torch.arange(x.shape[1]) >= data.PROMPT_LEN, max_steps=3)
+    assert passes == model.calls == 3
+
+
+def test_proseco_sampling_reports_every_forward_pass(enc, tiny_model):
+    model = NeverSettles(tiny_model.config)  # every corrector loop runs its full S passes
+    out, passes = generate(model, prompts(enc), data.GEN_LEN, 4, corrector_steps=2)
+    assert passes == model.calls == 4 + 3 * 2 - 3  # 4 steps, 3 loops of 2; each loop's last pass serves the next step
+    assert not (out == enc.mask).any()
