@@ -103,7 +103,7 @@ def math_problem(rng, level=2):
         ac, bc = f"{a * c:02d}", f"{b * c:02d}"
         responses.append(f"{_mul(a, c, rng)}={ac},{_mul(b, c, rng)}={bc},{ac}+{bc}={answer:02d}")
         responses.append(f"{_mul(b, c, rng)}={bc},{_mul(a, c, rng)}={ac},{bc}+{ac}={answer:02d}")
-    return Problem("math", prompt, responses, answer, prompt), prompt
+    return Problem("math", prompt, responses, answer, prompt)
 
 
 def math_correct(problem, response):
@@ -153,7 +153,7 @@ def code_problem(rng, level=2):
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]
-    return Problem("code", prompt, bodies, [(t, result(t)) for t in tests], spec), spec
+    return Problem("code", prompt, bodies, [(t, result(t)) for t in tests], spec)
 
 
 # The sandbox: generated code runs in a separate Python process, in an empty
@@ -238,8 +238,8 @@ MAKERS = {"math": math_problem, "code": code_problem}
 def sample_problem(task, split, rng, level=2):
     """Draw problems of `task` until one falls in `split` (rejection by hash)."""
     while True:
-        problem, key = MAKERS[task](rng, level)
-        if split_of(key) == split:
+        problem = MAKERS[task](rng, level)
+        if split_of(problem.key) == split:
             return problem
 
 
