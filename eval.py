@@ -28,21 +28,18 @@ import torch
 import data
 from corrector import load_head
 from model import CheckpointError, load_model, model_fingerprint
-from sample import generate
+from sample import decode_problems
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
 
 
 def run(model, enc, problems, steps, **kwargs):
     """Decode problems in one batch; returns responses, passes, seconds, per-step send-back counts."""
-    prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems])
     counts = []
     t0 = time.perf_counter()
-    out, passes = generate(model, prompts, data.GEN_LEN, steps, on_step=lambda s, x, back: counts.append(back.sum(1)),
-                           **kwargs)
-    seconds = time.perf_counter() - t0
-    responses = [data.decode_response(enc, row[data.PROMPT_LEN:].tolist()) for row in out]
-    return responses, passes, seconds, torch.stack(counts)
+    responses, passes = decode_problems(model, enc, problems, steps, batch_size=len(problems),
+                                        on_step=lambda s, x, back: counts.append(back.sum(1)), **kwargs)
+    return responses, passes, time.perf_counter() - t0, torch.stack(counts)
 
 
 def main(argv=None):
