@@ -30,6 +30,7 @@ class HeadConfig:
     tau: float = 0.5  # remask when P(wrong) > tau; train_head.py picks it on validation data
     max_remask: int = 2  # K: at most this many tokens sent back per step
     fifo_len: int = 4  # the last fifo_len positions sent back are not sent back again
+    review: int = 0  # decoding passes kept for corrections at the end (sample.generate); picked with tau
 
 
 class CorrectionHead(nn.Module):

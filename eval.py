@@ -11,6 +11,7 @@ Methods (each needs its checkpoint; a missing head is skipped with a note):
     dsc       base + the DSC head trained with FCA        (out/head.pt)
     no-fca    base + the head trained without FCA         (out/head_nofca.pt)
     random    base + random remasking of as many tokens as the DSC head sent back, step by step
+              (with the DSC head's review passes: the same schedule, chance instead of the head)
     remdm     base + ReMDM-conf remasking, training-free
     proseco-plain   the ProSeCo model decoded like the base               (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop between unmasking steps
@@ -22,12 +23,13 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
 import data
 from corrector import load_head
-from model import CheckpointError, load_model, model_fingerprint
+from model import CheckpointError, load_model, model_fingerprint, pick_device
 from sample import decode_problems
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -36,6 +38,8 @@ TOKENS_PER_STEP = (1, 2, 4, 8)
 def run(model, enc, problems, steps, **kwargs):
     """Decode problems in one batch; returns responses, passes, seconds, per-step send-back counts."""
     counts = []
+    if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
+        decode_problems(model, enc, problems, steps, batch_size=len(problems), **{**kwargs, "generator": None})
     t0 = time.perf_counter()
     responses, passes = decode_problems(model, enc, problems, steps, batch_size=len(problems),
                                         on_step=lambda s, x, back: counts.append(back.sum(1)), **kwargs)
@@ -57,23 +61,28 @@ def main(argv=None):
     parser.add_argument("--plot", action="store_true", help="write accuracy vs tokens per step to out/eval.png")
     parser.add_argument("--speed", action="store_true", help="time the base pass and the head in a decoding step")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    cuda = device.startswith("cuda")
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     enc = data.get_tokenizer()
     try:
         base, _ = load_model(args.base, data.tokenizer_id(enc))
         fingerprint = model_fingerprint(base)
+        base.to(device)
         heads = {}
         for name, path in [("dsc", args.head), ("no-fca", args.head_nofca)]:
             if os.path.exists(path):
-                heads[name] = load_head(path, fingerprint)[0]
+                heads[name] = load_head(path, fingerprint)[0].to(device)
             else:
                 print(f"note: skipping {name}: {path} does not exist (python train_head.py"
                       f"{' --no-fca' if name == 'no-fca' else ''} makes it)", file=sys.stderr)
         proseco = None
         if os.path.exists(args.proseco):
-            proseco, _ = load_model(args.proseco, data.tokenizer_id(enc))
+            proseco = load_model(args.proseco, data.tokenizer_id(enc))[0].to(device)
         else:
             print(f"note: skipping proseco: {args.proseco} does not exist "
                   "(python train_base.py --objective proseco makes it)", file=sys.stderr)
@@ -86,7 +95,7 @@ def main(argv=None):
         problems = list(data.fixed_problems(task, "test", args.num))
         for k in budgets:
             steps = data.GEN_LEN // k
-            dsc_counts, seeded = None, lambda: torch.Generator().manual_seed(args.seed)
+            dsc_counts, seeded = None, lambda: torch.Generator(device).manual_seed(args.seed)
             methods = [("base", base, {})] + [(name, base, {"head": h}) for name, h in heads.items()]
             if "dsc" in heads:
                 methods.append(("random", base, None))  # replays the DSC run's per-step counts
@@ -97,8 +106,9 @@ def main(argv=None):
                                                   "corrector_every": args.corrector_every})]
             for name, model, kwargs in methods:
                 if name == "random":
-                    kwargs = {"remask_counts": dsc_counts, "generator": seeded()}
-                responses, passes, seconds, counts = run(model, enc, problems, steps, **kwargs)
+                    kwargs = {"remask_counts": dsc_counts, "generator": seeded(), "review": heads["dsc"].config.review}
+                with ctx:
+                    responses, passes, seconds, counts = run(model, enc, problems, steps, **kwargs)
                 if name == "dsc":
                     dsc_counts = counts
                 accuracy = sum(data.score(problems, responses)) / len(problems)
@@ -119,7 +129,8 @@ def main(argv=None):
     if args.plot:
         plot(rows, os.path.splitext(args.out)[0] + ".png")
     if args.speed and "dsc" in heads:
-        base_ms, head_ms = step_time(base, heads["dsc"], enc, args.num)
+        with ctx:
+            base_ms, head_ms = step_time(base, heads["dsc"], enc, args.num)
         print(f"\none decoding step, batch of {args.num}: base forward {base_ms:.2f} ms, head {head_ms:.2f} ms: "
               f"the head adds {head_ms / base_ms:.1%} to a step (median of 30)")
 
@@ -127,14 +138,19 @@ def main(argv=None):
 @torch.no_grad()
 def step_time(base, head, enc, batch_size, repeats=30):
     """Median milliseconds of the base forward pass and of the head on its hidden states."""
+    device = next(base.parameters()).device
     x = torch.tensor([data.encode_prompt(enc, p.prompt) + [enc.mask] * data.GEN_LEN
-                      for p in data.fixed_problems("code", "test", batch_size)])
+                      for p in data.fixed_problems("code", "test", batch_size)], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
     base_t, head_t = [], []
     for _ in range(repeats + 3):
+        sync()
         t0 = time.perf_counter()
         _, hidden = base(x, return_hidden=True)
+        sync()
         t1 = time.perf_counter()
         torch.sigmoid(head(hidden).float())
+        sync()
         t2 = time.perf_counter()
         base_t.append(t1 - t0)
         head_t.append(t2 - t1)

@@ -20,13 +20,13 @@ import torch
 
 import data
 from corrector import load_head, random_remask, remask
-from model import CheckpointError, load_model, model_fingerprint, most_confident, propose
+from model import CheckpointError, load_model, model_fingerprint, most_confident, pick_device, propose
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0, generator=None,
              head=None, remask_counts=None, remdm_eta=0.0, extend=False, corrector_steps=0, corrector_every=1,
-             on_step=None):
+             on_step=None, review=None, compile=None):
     """Decode (B, P) prompt ids into (B, P + gen_len) tokens. Returns (tokens, forward passes).
 
     Steps are split evenly over semi-autoregressive blocks of block_len (default:
@@ -42,7 +42,12 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     softmax(-confidence they were revealed with). corrector_steps=S > 0 is ProSeCo's sampler:
     every corrector_every unmasking steps, correct() refines the revealed tokens
     with up to S more forward passes, and the next step reveals from its last
-    logits. on_step(pass, x, sent_back) sees each unmasking step."""
+    logits. on_step(pass, x, sent_back) sees each unmasking step. review=R keeps a
+    block's last R passes for corrections (default: the head's own setting, else 0):
+    every new token is revealed before them, so the last ones revealed can still be
+    judged (R=1) and refilled (R=2); a token revealed in the final pass never can. compile: None
+    compiles decode_step with torch.compile on CUDA only; False never; a backend
+    name or callable compiles with that backend."""
     B, P = prompt_ids.shape
     mask_id = model.config.mask_id
     block_len = block_len or gen_len
@@ -51,6 +56,9 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     if block_len <= 0 or gen_len % block_len or steps % (gen_len // block_len):
         raise ValueError(f"the block length ({block_len}) must divide the generation length ({gen_len}) "
                          f"into a number of blocks that divides --steps ({steps})")
+    step_fn = _step_fn(prompt_ids.is_cuda if compile is None else compile)
+    if review is None:
+        review = head.config.review if head is not None else 0
     x = torch.cat([prompt_ids, torch.full((B, gen_len), mask_id, device=prompt_ids.device)], dim=1)
     pos = torch.arange(P + gen_len, device=x.device)
     is_response = pos >= P
@@ -65,38 +73,64 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
             if extend and s >= steps_per_block and not ((x == mask_id) & open_).any():
                 break  # (the one host sync, and only in the extended variant)
             step_no += 1
-            if reuse is None:
-                logits, hidden = model(x, return_hidden=True)
-                passes += 1
-            else:  # ProSeCo: reveal from the corrector's last forward pass
-                (logits, hidden), reuse = reuse, None
-            x0, confidence = propose(logits, temperature, generator)
-            masked = (x == mask_id) & open_
-            sent_back = torch.zeros_like(masked)
-            if s < cap - 1:  # never send back on a block's last step: nothing could refill it
-                revealed = ~masked & is_response & open_
-                if head is not None:
-                    p_wrong = torch.sigmoid(head(hidden).float())
-                    c = head.config
-                    sent_back, stamps = remask(p_wrong, revealed, stamps, c.tau, c.max_remask, c.fifo_len)
-                elif remask_counts is not None:
-                    sent_back = random_remask(revealed, remask_counts[step_no], generator)
-                elif remdm_eta > 0:
-                    sent_back = remdm_conf(revealed, revealed_with, remdm_eta, generator)
-            n_masked = masked.sum(1)
-            steps_left = max(steps_per_block - s, 1)
-            owed = n_masked if extend else n_masked + sent_back.sum(1)  # hard budget: make room now
-            k = torch.minimum(n_masked, torch.div(owed + steps_left - 1, steps_left, rounding_mode="floor"))
-            reveal = most_confident(confidence, masked, k)
-            x = torch.where(reveal, x0, x)
-            revealed_with = torch.where(reveal, confidence, revealed_with)
-            x = torch.where(sent_back, mask_id, x)
+            passes += reuse is None
+            # per-step numbers travel as tensors: a compiled step sees the same shapes every time
+            steps_left = torch.tensor(max(steps_per_block - review - s, 1), device=x.device)
+            may_send_back = torch.tensor(s < cap - 1, device=x.device)  # never on a block's last step
+            random_count = None if remask_counts is None else remask_counts[step_no]
+            x, stamps, revealed_with, sent_back, logits = step_fn(
+                model, x, open_, is_response, steps_left, may_send_back, stamps, revealed_with, temperature,
+                generator, head, random_count, remdm_eta, extend, reuse)
+            reuse = None
             if on_step is not None:
                 on_step(passes, x, sent_back)
             if corrector_steps and (s + 1) % corrector_every == 0 and s < cap - 1:
                 x, reuse, n = correct(model, x, logits, is_response, corrector_steps)
                 passes += n
     return x, passes
+
+
+def decode_step(model, x, open_, is_response, steps_left, may_send_back, stamps, revealed_with, temperature=0.0,
+                generator=None, head=None, random_count=None, remdm_eta=0.0, extend=False, reuse=None):
+    """One decoding step, vectorised over the batch with no host sync: one forward
+    pass (or ProSeCo's `reuse`d one), the head's (or a control's) send-backs among the
+    revealed tokens, then the most confident masked positions revealed.
+    Returns (x, stamps, revealed_with, sent_back, logits)."""
+    mask_id = model.config.mask_id
+    logits, hidden = model(x, return_hidden=True) if reuse is None else reuse
+    x0, confidence = propose(logits, temperature, generator)
+    masked = (x == mask_id) & open_
+    revealed = ~masked & is_response & open_ & may_send_back
+    sent_back = torch.zeros_like(masked)
+    if head is not None:
+        p_wrong = torch.sigmoid(head(hidden).float())
+        c = head.config
+        sent_back, stamps = remask(p_wrong, revealed, stamps, c.tau, c.max_remask, c.fifo_len)
+    elif random_count is not None:
+        sent_back = random_remask(revealed, random_count, generator)
+    elif remdm_eta > 0:
+        sent_back = remdm_conf(revealed, revealed_with, remdm_eta, generator)
+    n_masked = masked.sum(1)
+    owed = n_masked if extend else n_masked + sent_back.sum(1)  # hard budget: make room now
+    k = torch.minimum(n_masked, torch.div(owed + steps_left - 1, steps_left, rounding_mode="floor"))
+    reveal = most_confident(confidence, masked, k)
+    x = torch.where(reveal, x0, x)
+    revealed_with = torch.where(reveal, confidence, revealed_with)
+    x = torch.where(sent_back, mask_id, x)
+    return x, stamps, revealed_with, sent_back, logits
+
+
+_compiled_steps = {}
+
+
+def _step_fn(backend):
+    """decode_step, eager (False) or compiled once per backend with static shapes."""
+    if backend is False:
+        return decode_step
+    backend = "inductor" if backend is True else backend
+    if backend not in _compiled_steps:
+        _compiled_steps[backend] = torch.compile(decode_step, backend=backend, dynamic=False)
+    return _compiled_steps[backend]
 
 
 def remdm_conf(revealed, revealed_with, eta, generator=None):
@@ -159,22 +193,27 @@ def main(argv=None):
     parser.add_argument("--prompt", default=None, help=r"decode this prompt instead (write a newline as \n)")
     parser.add_argument("--show", action="store_true", help="print the canvas after every step; [x] marks tokens sent back")
     parser.add_argument("--seed", type=int, default=0, help="random seed (matters when temperature > 0)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    device = pick_device(args.device)
     enc = data.get_tokenizer()
     try:
         model, _ = load_model(args.ckpt, data.tokenizer_id(enc))
         head = None
         if not args.no_head and os.path.exists(args.head):
             head, _ = load_head(args.head, model_fingerprint(model))
-            print(f"using the correction head {args.head} (tau={head.config.tau}; --no-head to decode without it)")
+            head.to(device)
+            print(f"using the correction head {args.head} (tau={head.config.tau}, {head.config.review} review passes; "
+                  "--no-head to decode without it)")
+        model.to(device)
         if args.prompt is not None:
             problems = [data.Problem("custom", args.prompt.replace("\\n", "\n"), [], None)]
         else:
             problems = [p for t in ([args.task] if args.task else data.TASKS) for p in data.fixed_problems(t, "test")[:args.num]]
-        prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems])
-        generator = torch.Generator().manual_seed(args.seed)
+        prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems], device=device)
+        generator = torch.Generator(device).manual_seed(args.seed)
         outputs = []
         for i, p in enumerate(problems):
             if args.show:

@@ -9,8 +9,9 @@ The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
 under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts)
 and trains only the head, with the rare 'wrong' class weighted up. At the end
 the head reports, on held-out validation drafts made the same way, its AUROC,
-the positive rate and precision/recall at tau, and tau is picked on validation
-problems by decoding accuracy at 4 tokens per step.
+the positive rate and precision/recall at tau (on FCA drafts and on what the
+sampler writes at 4 tokens per step), and tau and the review passes are picked
+on validation problems by decoding accuracy at 4 tokens per step.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
 from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
                    setup_distributed)
-from sample import decode_problems
+from sample import decode_problems, generate
 
 
 def get_args(argv=None):
@@ -47,6 +48,7 @@ def get_args(argv=None):
     p.add_argument("--draft-tokens", type=int, default=16,
                    help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
+    p.add_argument("--reviews", default="0,1,2", help="review passes (sample.generate) tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
@@ -76,18 +78,45 @@ def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch
             "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
 
 
-def pick_tau(base, head, enc, taus, n, ctx):
-    """The tau with the best validation accuracy at 4 tokens per step (ties: the higher tau)."""
+@torch.no_grad()
+def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
+    """The same figures on what the sampler itself writes: held-out problems decoded
+    by the base alone at tokens_per_step, the head scoring the finished canvas. A
+    token is wrong where it differs from the valid response closest to its row
+    (none is, when the verifier accepts the row)."""
+    problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
+    device = next(base.parameters()).device
+    prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems], device=device)
+    with ctx:
+        out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step)
+        p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, data.PROMPT_LEN:].cpu()
+    drafts = out[:, data.PROMPT_LEN:].cpu()
+    right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
+    labels = []
+    for row, problem, ok in zip(drafts, problems, right):
+        refs = torch.tensor([data.encode_response(enc, r) for r in problem.responses])
+        closest = refs[(refs != row).sum(1).argmin()]
+        labels.append(torch.zeros_like(row, dtype=torch.bool) if ok else closest != row)
+    s, y = p_wrong.flatten(), torch.stack(labels).flatten()
+    flagged = s > tau
+    return {"auroc": auroc(s, y), "positive_rate": y.float().mean().item(),
+            "precision": (flagged & y).sum().item() / max(1, flagged.sum().item()),
+            "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
+
+
+def pick_tau(base, head, enc, taus, reviews, n, ctx):
+    """The (tau, review passes) with the best validation accuracy at 4 tokens per step
+    (ties: the higher tau, then fewer review passes)."""
     problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
     results = {}
     for tau in taus:
-        head.config.tau = tau
-        with ctx:
-            responses, _ = decode_problems(base, enc, problems, steps=data.GEN_LEN // 4, head=head)
-        results[tau] = sum(data.score(problems, responses)) / len(problems)
-    best = max(taus, key=lambda tau: (results[tau], tau))
-    head.config.tau = best
-    return best, results
+        for review in reviews:
+            head.config.tau, head.config.review = tau, review
+            with ctx:
+                responses, _ = decode_problems(base, enc, problems, steps=data.GEN_LEN // 4, head=head)
+            results[tau, review] = sum(data.score(problems, responses)) / len(problems)
+    head.config.tau, head.config.review = max(results, key=lambda tr: (results[tr], tr[0], -tr[1]))
+    return results
 
 
 def main(argv=None):
@@ -151,14 +180,23 @@ def main(argv=None):
         print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
     head.eval()
     if master:
-        tau, by_tau = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")], args.val_problems, ctx)
+        by_setting = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")],
+                              [int(r) for r in args.reviews.split(",")], args.val_problems, ctx)
+        tau = head.config.tau
         metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
+        decoded = decoded_drafts_metrics(base, head, enc, tau, ctx)
         save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
-                        tokenizer_id=data.tokenizer_id(enc), metrics=metrics, val_accuracy_by_tau=by_tau, config=vars(args))
-        print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t}: {a:.1%}" for t, a in by_tau.items()))
+                        tokenizer_id=data.tokenizer_id(enc), metrics=metrics, decoded_metrics=decoded,
+                        val_accuracy=[[t, r, a] for (t, r), a in by_setting.items()], config=vars(args))
+        print("validation accuracy at 4 tokens/step by (tau, review passes): "
+              + ", ".join(f"({t}, {r}) {a:.1%}" for (t, r), a in by_setting.items())
+              + f"; picked tau={tau}, review={head.config.review}")
         print(f"held-out drafts ({args.draft_tokens} at once): AUROC {metrics['auroc']:.3f}, positive rate {metrics['positive_rate']:.1%}, "
               f"precision {metrics['precision']:.1%} and recall {metrics['recall']:.1%} at tau={tau} "
               f"({metrics['drafts']} drafts)")
+        print(f"decoded at 4 tokens/step: AUROC {decoded['auroc']:.3f}, positive rate {decoded['positive_rate']:.1%}, "
+              f"precision {decoded['precision']:.1%} and recall {decoded['recall']:.1%} at tau={tau} "
+              f"({decoded['drafts']} tokens)")
         print(f"saved {args.out} after {time.time() - t_start:.0f} s")
     finish_distributed(head, world)
     return base, head, initial

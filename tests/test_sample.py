@@ -152,3 +152,32 @@ def test_proseco_sampling_reports_every_forward_pass(enc, tiny_model):
     out, passes = generate(model, prompts(enc), data.GEN_LEN, 4, corrector_steps=2)
     assert passes == model.calls == 4 + 3 * 2 - 3  # 4 steps, 3 loops of 2; each loop's last pass serves the next step
     assert not (out == enc.mask).any()
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model, enc, with_head):
+    import torch._dynamo
+
+    from corrector import CorrectionHead, HeadConfig
+
+    head = CorrectionHead(HeadConfig(n_embd_in=32, width=16, tau=0.0)).eval() if with_head else None
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # what torch.compile hands a backend: one traced graph
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, head=head, compile=counting_backend)
+    first = len(graphs)
+    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, head=head, compile=counting_backend)  # again, same shapes
+    generate(tiny_model, prompts(enc), data.GEN_LEN, 4, head=head, compile=counting_backend)  # another budget
+    assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
+
+
+def test_review_passes_reveal_no_new_token(tiny_model, enc):
+    masks_left = []
+    _, passes = generate(tiny_model, prompts(enc), data.GEN_LEN, 8, review=2,
+                         on_step=lambda s, x, back: masks_left.append((x == enc.mask).sum().item()))
+    assert passes == 8 and masks_left[5] == 0  # every token is out after pass 6 of 8; 7 and 8 only refill
+    assert masks_left[4] > 0
