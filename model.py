@@ -302,4 +302,5 @@ def finish_distributed(model, world):
     dist.all_gather_object(prints, model_fingerprint(model))
     if dist.get_rank() == 0:
         print(f"replicas identical across {world} ranks: {len(set(prints)) == 1}")
+    dist.barrier()  # leave together: a rank tearing Gloo down while its peer still talks can abort it
     dist.destroy_process_group()

@@ -189,6 +189,7 @@ def main(argv=None):
         tok_s = (done - start_iter) * tokens_per_iter / train_seconds
         print(f"trained steps {start_iter}..{done} in {train_seconds / 60:.1f} min of steps: {tok_s:.0f} tokens/s, "
               f"MFU {tok_s * flops_per_token / peak / world:.0%} of {peak / 1e9:.0f} GFLOP/s")
+    del model  # the DDP wrapper holds the process group: release it before the group is destroyed
     finish_distributed(raw_model, world)
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ def main(argv=None):
               f"precision {decoded['precision']:.1%} and recall {decoded['recall']:.1%} at tau={tau} "
               f"({decoded['drafts']} tokens)")
         print(f"saved {args.out} after {time.time() - t_start:.0f} s")
+    del train_step_head  # the DDP wrapper holds the process group: release it before the group is destroyed
     finish_distributed(head, world)
     return base, head, initial
 

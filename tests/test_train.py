@@ -89,11 +89,15 @@ def test_a_head_trained_on_another_base_is_refused(tmp_path):
 
 def test_torchrun_two_cpu_ranks_keep_identical_replicas_and_save_one_checkpoint(tmp_path):
     import os
+    import socket
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "base.pt"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as s:  # a free port: a fixed one may still be held by an earlier run
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                              os.path.join(root, "train_base.py"), *TINY, "--out", str(out), "--max-iters", "3",
                              "--eval-every", "3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
