@@ -123,7 +123,7 @@ def main(argv=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     raw_model = model  # uncompiled, unwrapped: for saving and for decoding
     if cuda and not args.no_compile:
-        model = torch.compile(model)  # static shapes: one compilation serves the whole run
+        model = torch.compile(model, dynamic=False)  # static shapes: one compilation serves the whole run
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if cuda else None)

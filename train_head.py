@@ -92,16 +92,21 @@ def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
         p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, data.PROMPT_LEN:].cpu()
     drafts = out[:, data.PROMPT_LEN:].cpu()
     right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
-    labels = []
-    for row, problem, ok in zip(drafts, problems, right):
-        refs = torch.tensor([data.encode_response(enc, r) for r in problem.responses])
-        closest = refs[(refs != row).sum(1).argmin()]
-        labels.append(torch.zeros_like(row, dtype=torch.bool) if ok else closest != row)
+    labels = [wrong_tokens(enc, problem, row, ok) for row, problem, ok in zip(drafts, problems, right)]
     s, y = p_wrong.flatten(), torch.stack(labels).flatten()
     flagged = s > tau
     return {"auroc": auroc(s, y), "positive_rate": y.float().mean().item(),
             "precision": (flagged & y).sum().item() / max(1, flagged.sum().item()),
             "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
+
+
+def wrong_tokens(enc, problem, row, accepted):
+    """(GEN_LEN,) bool: where a decoded response differs from the valid response
+    closest to it (fewest differing tokens); nothing when the verifier accepted it."""
+    if accepted:
+        return torch.zeros_like(row, dtype=torch.bool)
+    refs = torch.tensor([data.encode_response(enc, r) for r in problem.responses])
+    return refs[(refs != row).sum(1).argmin()] != row
 
 
 def pick_tau(base, head, enc, taus, reviews, n, ctx):
@@ -146,7 +151,7 @@ def main(argv=None):
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_step_head = DDP(head, device_ids=[local_rank] if cuda else None)
-    drafts_base = torch.compile(base) if cuda and not args.no_compile else base
+    drafts_base = torch.compile(base, dynamic=False) if cuda and not args.no_compile else base
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)

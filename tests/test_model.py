@@ -130,3 +130,22 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypat
         save_checkpoint(path, model={"w": torch.zeros(2)}, iter=2)
     monkeypatch.undo()
     assert load_checkpoint(path)["iter"] == 1
+
+
+def test_compiled_training_step_compiles_once(enc):
+    import torch._dynamo
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # one call per traced graph
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(tiny_config(enc))
+    compiled = torch.compile(model, backend=counting_backend, dynamic=False)  # as train_base.py does on CUDA
+    rng = random.Random(0)
+    for _ in range(3):  # fresh batches, masks and t every step: the shapes stay the same
+        loss = mdlm_loss(compiled, data.get_batch(enc, 8, rng), data.PROMPT_LEN, enc.mask)[0]
+        loss.backward()
+    assert len(graphs) == 1

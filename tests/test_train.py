@@ -103,3 +103,14 @@ def test_torchrun_two_cpu_ranks_keep_identical_replicas_and_save_one_checkpoint(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "replicas identical across 2 ranks: True" in result.stdout
     assert load_checkpoint(str(out))["iter"] == 3
+
+
+def test_decoded_drafts_are_labelled_against_the_closest_valid_response(enc):
+    import data
+    problem = data.fixed_problems("math", "test", 1)[0]
+    row = torch.tensor(data.encode_response(enc, problem.responses[-1]))
+    wrong = row.clone()
+    wrong[0] = enc.encode_ordinary("9")[0] if row[0] != enc.encode_ordinary("9")[0] else enc.encode_ordinary("8")[0]
+    assert train_head.wrong_tokens(enc, problem, wrong, accepted=False).nonzero().flatten().tolist() == [0]
+    assert not train_head.wrong_tokens(enc, problem, row, accepted=False).any()
+    assert not train_head.wrong_tokens(enc, problem, wrong, accepted=True).any()  # the verifier has the last word
