@@ -71,11 +71,15 @@ def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
     torch.set_rng_state(state)
-    s, y = torch.cat(scores), torch.cat(labels)
-    flagged = s > tau
-    return {"auroc": auroc(s, y), "positive_rate": y.float().mean().item(),
-            "precision": (flagged & y).sum().item() / max(1, flagged.sum().item()),
-            "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
+    return detection_figures(torch.cat(scores), torch.cat(labels), tau)
+
+
+def detection_figures(scores, wrong, tau):
+    """AUROC, the rate of wrong tokens, precision and recall of 'P(wrong) > tau'."""
+    flagged = scores > tau
+    return {"auroc": auroc(scores, wrong), "positive_rate": wrong.float().mean().item(),
+            "precision": (flagged & wrong).sum().item() / max(1, flagged.sum().item()),
+            "recall": (flagged & wrong).sum().item() / max(1, wrong.sum().item()), "drafts": len(wrong)}
 
 
 @torch.no_grad()
@@ -93,11 +97,7 @@ def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
     drafts = out[:, data.PROMPT_LEN:].cpu()
     right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
     labels = [wrong_tokens(enc, problem, row, ok) for row, problem, ok in zip(drafts, problems, right)]
-    s, y = p_wrong.flatten(), torch.stack(labels).flatten()
-    flagged = s > tau
-    return {"auroc": auroc(s, y), "positive_rate": y.float().mean().item(),
-            "precision": (flagged & y).sum().item() / max(1, flagged.sum().item()),
-            "recall": (flagged & y).sum().item() / max(1, y.sum().item()), "drafts": len(y)}
+    return detection_figures(p_wrong.flatten(), torch.stack(labels).flatten(), tau)
 
 
 def wrong_tokens(enc, problem, row, accepted):
@@ -109,7 +109,7 @@ def wrong_tokens(enc, problem, row, accepted):
     return refs[(refs != row).sum(1).argmin()] != row
 
 
-def pick_tau(base, head, enc, taus, reviews, n, ctx):
+def pick_remasking(base, head, enc, taus, reviews, n, ctx):
     """The (tau, review passes) with the best validation accuracy at 4 tokens per step
     (ties: the higher tau, then fewer review passes)."""
     problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
@@ -185,7 +185,7 @@ def main(argv=None):
         print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
     head.eval()
     if master:
-        by_setting = pick_tau(base, head, enc, [float(t) for t in args.taus.split(",")],
+        by_setting = pick_remasking(base, head, enc, [float(t) for t in args.taus.split(",")],
                               [int(r) for r in args.reviews.split(",")], args.val_problems, ctx)
         tau = head.config.tau
         metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
