@@ -69,17 +69,18 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     for blk in range(n_blocks):
         open_ = pos < P + (blk + 1) * block_len  # this block, and earlier positions sent back
         cap = steps_per_block * (2 if extend else 1)
+        # the block's per-step numbers, made once as tensors: no host-to-device copy inside the loop,
+        # and a compiled step sees the same shapes every time
+        passes_left = torch.tensor([max(steps_per_block - review - s, 1) for s in range(cap)], device=x.device)
+        may_send_back = torch.arange(cap, device=x.device) < cap - 1  # never on a block's last step
         for s in range(cap):
             if extend and s >= steps_per_block and not ((x == mask_id) & open_).any():
                 break  # (the one host sync, and only in the extended variant)
             step_no += 1
             passes += reuse is None
-            # per-step numbers travel as tensors: a compiled step sees the same shapes every time
-            steps_left = torch.tensor(max(steps_per_block - review - s, 1), device=x.device)
-            may_send_back = torch.tensor(s < cap - 1, device=x.device)  # never on a block's last step
             random_count = None if remask_counts is None else remask_counts[step_no]
             x, stamps, revealed_with, sent_back, logits = step_fn(
-                model, x, open_, is_response, steps_left, may_send_back, stamps, revealed_with, temperature,
+                model, x, open_, is_response, passes_left[s], may_send_back[s], stamps, revealed_with, temperature,
                 generator, head, random_count, remdm_eta, extend, reuse)
             reuse = None
             if on_step is not None:
@@ -90,7 +91,7 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     return x, passes
 
 
-def decode_step(model, x, open_, is_response, steps_left, may_send_back, stamps, revealed_with, temperature=0.0,
+def decode_step(model, x, open_, is_response, passes_left, may_send_back, stamps, revealed_with, temperature=0.0,
                 generator=None, head=None, random_count=None, remdm_eta=0.0, extend=False, reuse=None):
     """One decoding step, vectorised over the batch with no host sync: one forward
     pass (or ProSeCo's `reuse`d one), the head's (or a control's) send-backs among the
@@ -112,7 +113,7 @@ def decode_step(model, x, open_, is_response, steps_left, may_send_back, stamps,
         sent_back = remdm_conf(revealed, revealed_with, remdm_eta, generator)
     n_masked = masked.sum(1)
     owed = n_masked if extend else n_masked + sent_back.sum(1)  # hard budget: make room now
-    k = torch.minimum(n_masked, torch.div(owed + steps_left - 1, steps_left, rounding_mode="floor"))
+    k = torch.minimum(n_masked, torch.div(owed + passes_left - 1, passes_left, rounding_mode="floor"))
     reveal = most_confident(confidence, masked, k)
     x = torch.where(reveal, x0, x)
     revealed_with = torch.where(reveal, confidence, revealed_with)
