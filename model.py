@@ -284,7 +284,7 @@ def setup_distributed(device=None):
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 0, 1, pick_device(device)
     import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if pick_device(device).startswith("cuda") else "gloo"  # --device cpu stays on Gloo
     dist.init_process_group(backend=backend)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     device = f"cuda:{local_rank}" if backend == "nccl" else "cpu"

@@ -49,7 +49,7 @@ def get_args(argv=None):
                    help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--reviews", default="0,1,2", help="review passes (sample.generate) tried on validation")
-    p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
+    p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau and review")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)
@@ -182,11 +182,11 @@ def main(argv=None):
                             mfu=f"{flops_per_step / dt / peak:.0%}")
     except KeyboardInterrupt:
         bar.close()
-        print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
+        print("interrupted: the head is trained on fewer steps than asked; picking tau and review and saving it anyway")
     head.eval()
     if master:
         by_setting = pick_remasking(base, head, enc, [float(t) for t in args.taus.split(",")],
-                              [int(r) for r in args.reviews.split(",")], args.val_problems, ctx)
+                                    [int(r) for r in args.reviews.split(",")], args.val_problems, ctx)
         tau = head.config.tau
         metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
         decoded = decoded_drafts_metrics(base, head, enc, tau, ctx)
@@ -196,12 +196,10 @@ def main(argv=None):
         print("validation accuracy at 4 tokens/step by (tau, review passes): "
               + ", ".join(f"({t}, {r}) {a:.1%}" for (t, r), a in by_setting.items())
               + f"; picked tau={tau}, review={head.config.review}")
-        print(f"held-out drafts ({args.draft_tokens} at once): AUROC {metrics['auroc']:.3f}, positive rate {metrics['positive_rate']:.1%}, "
-              f"precision {metrics['precision']:.1%} and recall {metrics['recall']:.1%} at tau={tau} "
-              f"({metrics['drafts']} drafts)")
-        print(f"decoded at 4 tokens/step: AUROC {decoded['auroc']:.3f}, positive rate {decoded['positive_rate']:.1%}, "
-              f"precision {decoded['precision']:.1%} and recall {decoded['recall']:.1%} at tau={tau} "
-              f"({decoded['drafts']} tokens)")
+        for what, m in [(f"held-out FCA drafts ({args.draft_tokens} at once)", metrics),
+                        ("held-out problems decoded at 4 tokens/step", decoded)]:
+            print(f"{what}: AUROC {m['auroc']:.3f}, positive rate {m['positive_rate']:.1%}, precision "
+                  f"{m['precision']:.1%} and recall {m['recall']:.1%} at tau={tau} ({m['drafts']} tokens)")
         print(f"saved {args.out} after {time.time() - t_start:.0f} s")
     del train_step_head  # the DDP wrapper holds the process group: release it before the group is destroyed
     finish_distributed(head, world)
