@@ -1,7 +1,7 @@
 """
 Train the masked diffusion LM from scratch on both task families.
 
-    python train_base.py                      # CPU default: ~25 minutes on 2 cores
+    python train_base.py                      # CPU default: ~27 minutes on 2 cores
     python train_base.py --resume             # continue out/base.pt
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
