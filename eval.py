@@ -139,8 +139,8 @@ def main(argv=None):
 def step_time(base, head, enc, batch_size, repeats=30):
     """Median milliseconds of the base forward pass and of the head on its hidden states."""
     device = next(base.parameters()).device
-    x = torch.tensor([data.encode_prompt(enc, p.prompt) + [enc.mask] * data.GEN_LEN
-                      for p in data.fixed_problems("code", "test", batch_size)], device=device)
+    prompts = data.encode_prompts(enc, [p.prompt for p in data.fixed_problems("code", "test", batch_size)])
+    x = torch.cat([prompts, torch.full((batch_size, data.GEN_LEN), enc.mask)], dim=1).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
     base_t, head_t = [], []
     for _ in range(repeats + 3):

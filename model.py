@@ -21,7 +21,7 @@ import torch.nn.functional as F
 @dataclass
 class GPTConfig:
     vocab_size: int = 320  # tokenizer size; the last id is <|mask|>
-    block_size: int = 80  # PROMPT_LEN + GEN_LEN
+    block_size: int = 80  # the widest canvas: PROMPT_LEN + GEN_LEN
     n_layer: int = 4
     n_head: int = 6
     n_embd: int = 192
@@ -87,7 +87,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, return_hidden=False):
         """Logits (B, T, V); with return_hidden also the penultimate block's output (B, T, C)."""
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        # positions count back from the canvas end: a narrow canvas (a short prompt, fewer pad
+        # columns) gives each response token the position it has on the widest one
+        pos = torch.arange(self.config.block_size - idx.shape[1], self.config.block_size, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
         hidden = x
         for i, block in enumerate(self.blocks):
             x = block(x)

@@ -160,21 +160,27 @@ def correct(model, x, logits, is_response, max_steps):
 
 
 def decode_problems(model, enc, problems, steps, batch_size=256, **kwargs):
-    """Decode each problem's prompt; returns (response texts, forward passes per batch)."""
+    """Decode each problem's prompt; returns (response texts, forward passes per batch).
+    Prompts are batched with others of their width, the layout the model was trained on."""
     device = next(model.parameters()).device
-    responses, passes = [], 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in chunk], device=device)
-        out, passes = generate(model, prompts, data.GEN_LEN, steps, **kwargs)
-        responses += [data.decode_response(enc, row[data.PROMPT_LEN:].tolist()) for row in out]
+    responses, passes = [None] * len(problems), 0
+    by_width = {}
+    for i, p in enumerate(problems):
+        by_width.setdefault(len(data.encode_prompt(enc, p.prompt)), []).append(i)
+    for rows in by_width.values():
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j:j + batch_size]
+            prompts = data.encode_prompts(enc, [problems[i].prompt for i in chunk]).to(device)
+            out, passes = generate(model, prompts, data.GEN_LEN, steps, **kwargs)
+            for i, row in zip(chunk, out):
+                responses[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist())
     return responses, passes
 
 
 def show_canvas(enc, step, row, remasked):
     """One line per step: revealed tokens, '_' for masks, [brackets] round tokens sent back."""
     parts = []
-    for tok, back in zip(row[data.PROMPT_LEN:].tolist(), remasked[data.PROMPT_LEN:].tolist()):
+    for tok, back in zip(row[-data.GEN_LEN:].tolist(), remasked[-data.GEN_LEN:].tolist()):
         text = "_" if tok == enc.mask else "·" if tok == enc.eos else enc.decode([tok])
         parts.append(f"[{text}]" if back else text)
     print(f"step {step:2d} | " + "".join(parts).replace("\n", "⏎"))
@@ -213,16 +219,16 @@ def main(argv=None):
             problems = [data.Problem("custom", args.prompt.replace("\\n", "\n"), [], None)]
         else:
             problems = [p for t in ([args.task] if args.task else data.TASKS) for p in data.fixed_problems(t, "test")[:args.num]]
-        prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems], device=device)
+        prompts = [torch.tensor([data.encode_prompt(enc, p.prompt)], device=device) for p in problems]
         generator = torch.Generator(device).manual_seed(args.seed)
         outputs = []
         for i, p in enumerate(problems):
             if args.show:
                 print("-" * 60 + "\n" + p.prompt.rstrip())
             on_step = (lambda s, x, back: show_canvas(enc, s, x[0], back[0])) if args.show else None
-            out, passes = generate(model, prompts[i:i + 1], data.GEN_LEN, args.steps, args.block_len, args.temperature,
+            out, passes = generate(model, prompts[i], data.GEN_LEN, args.steps, args.block_len, args.temperature,
                                    generator, head=head, extend=args.extend, on_step=on_step)
-            outputs.append((data.decode_response(enc, out[0, data.PROMPT_LEN:].tolist()), passes))
+            outputs.append((data.decode_response(enc, out[0, -data.GEN_LEN:].tolist()), passes))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -56,6 +56,13 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
+def batch_loss(loss_fn, model, batches, enc, args):
+    """The loss over a batch given as one tensor per task (data.get_batch), each row
+    weighted equally; the prompt is whatever precedes the last GEN_LEN columns."""
+    return sum(loss_fn(model, x0.to(args.device), x0.shape[1] - data.GEN_LEN, enc.mask, args.elbo_weight) * len(x0)
+               for x0 in batches) / sum(len(x0) for x0 in batches)
+
+
 @torch.no_grad()
 def validate(model, enc, args, ctx):
     """Validation loss on fixed batches and exact accuracy per task at one token per step."""
@@ -65,9 +72,9 @@ def validate(model, enc, args, ctx):
     torch.manual_seed(0)  # the same masks every time: the loss is comparable across evaluations
     losses = []
     for _ in range(4):
-        x0 = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level).to(args.device)
+        batches = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level)
         with ctx:
-            losses.append(mdlm_loss(model, x0, data.PROMPT_LEN, enc.mask, args.elbo_weight)[0].item())
+            losses.append(batch_loss(lambda *a: mdlm_loss(*a)[0], model, batches, enc, args).item())
     torch.set_rng_state(state)
     acc = {}
     for task in data.TASKS:
@@ -87,7 +94,7 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     # defaults sized for the machine: a CPU run that fits in ~25 minutes, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
-                                        ("batch_size", 128, 512), ("max_iters", 1500, 4000)]:
+                                        ("batch_size", 128, 512), ("max_iters", 2400, 4000)]:
         if getattr(args, name) is None:
             setattr(args, name, cuda_value if cuda else cpu_value)
             if name == "max_iters" and args.objective == "proseco":
@@ -137,7 +144,7 @@ def main(argv=None):
     # Ctrl-C and SIGTERM both end the loop cleanly, with a checkpoint
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)
-    tokens_per_iter = args.batch_size * config.block_size * world
+    tokens_per_iter = sum(x.numel() for x in data.get_batch(enc, args.batch_size, random.Random(0))) * world
     flops_per_token = raw_model.flops_per_token() * (2 if args.objective == "proseco" else 1)  # proseco: 2 passes
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters on {args.device} x{world}, "
@@ -150,9 +157,9 @@ def main(argv=None):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
-            x0 = data.get_batch(enc, args.batch_size, rng, level=args.level).to(args.device)
+            batches = data.get_batch(enc, args.batch_size, rng, level=args.level)
             with ctx:
-                loss = loss_fn(model, x0, data.PROMPT_LEN, enc.mask, args.elbo_weight)
+                loss = batch_loss(loss_fn, model, batches, enc, args)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights; the last checkpoint stays
                 bar.close()
                 sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")

@@ -41,7 +41,7 @@ def get_args(argv=None):
     p.add_argument("--width", type=int, default=64, help="head width")
     p.add_argument("--n-layer", type=int, default=2, help="head transformer blocks")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-iters", type=int, default=500)
+    p.add_argument("--max-iters", type=int, default=900)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
@@ -63,10 +63,9 @@ def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch
     torch.manual_seed(0)
     scores, labels = [], []
     device = next(base.parameters()).device
-    for _ in range(batches):
-        x0 = data.get_batch(enc, batch_size, rng, split="val").to(device)
+    for x0 in (x for _ in range(batches) for x in data.get_batch(enc, batch_size, rng, split="val")):
         with ctx:
-            hidden, wrong, drafted = fca_drafts(base, x0, data.PROMPT_LEN, n_drafts, fca=fca)
+            hidden, wrong, drafted = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, n_drafts, fca=fca)
             p_wrong = torch.sigmoid(head(hidden).float())
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
@@ -88,16 +87,19 @@ def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
     by the base alone at tokens_per_step, the head scoring the finished canvas. A
     token is wrong where it differs from the valid response closest to its row
     (none is, when the verifier accepts the row)."""
-    problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
     device = next(base.parameters()).device
-    prompts = torch.tensor([data.encode_prompt(enc, p.prompt) for p in problems], device=device)
-    with ctx:
-        out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step)
-        p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, data.PROMPT_LEN:].cpu()
-    drafts = out[:, data.PROMPT_LEN:].cpu()
-    right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
-    labels = [wrong_tokens(enc, problem, row, ok) for row, problem, ok in zip(drafts, problems, right)]
-    return detection_figures(p_wrong.flatten(), torch.stack(labels).flatten(), tau)
+    scores, labels = [], []
+    for task in data.TASKS:  # one task per batch: its prompts share a width
+        problems = data.fixed_problems(task, "val", n)
+        prompts = data.encode_prompts(enc, [p.prompt for p in problems]).to(device)
+        with ctx:
+            out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step)
+            p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, -data.GEN_LEN:].cpu()
+        drafts = out[:, -data.GEN_LEN:].cpu()
+        right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
+        scores.append(p_wrong.flatten())
+        labels += [wrong_tokens(enc, problem, row, ok) for row, problem, ok in zip(drafts, problems, right)]
+    return detection_figures(torch.cat(scores), torch.stack(labels).flatten(), tau)
 
 
 def wrong_tokens(enc, problem, row, accepted):
@@ -156,8 +158,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)
     # per step: two base forward passes (2N FLOPs/token each) and the head's forward+backward (6N)
-    flops_per_step = args.batch_size * base.config.block_size * (4 * base.num_params() +
-                                                                 6 * sum(p.numel() for p in head.parameters()))
+    tokens_per_step = sum(x.numel() for x in data.get_batch(enc, args.batch_size, random.Random(0)))
+    flops_per_step = tokens_per_step * (4 * base.num_params() + 6 * sum(p.numel() for p in head.parameters()))
     if master:
         print(f"head {sum(p.numel() for p in head.parameters()) / 1e3:.0f}K parameters on frozen base {fingerprint} "
               f"({'FCA' if not args.no_fca else 'no FCA'}) x{world}, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
@@ -168,17 +170,22 @@ def main(argv=None):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
-            x0 = data.get_batch(enc, args.batch_size, rng).to(args.device)
+            logits, wrong, drafted = [], [], []
             with ctx:
-                hidden, wrong, drafted = fca_drafts(drafts_base, x0, data.PROMPT_LEN, args.draft_tokens,
-                                                    fca=not args.no_fca)
-                loss = balanced_bce(train_step_head(hidden.float()), wrong, drafted)
+                for x0 in data.get_batch(enc, args.batch_size, rng):  # one tensor per task: their widths differ
+                    hidden, w, d = fca_drafts(drafts_base, x0.to(args.device), x0.shape[1] - data.GEN_LEN,
+                                              args.draft_tokens, fca=not args.no_fca)
+                    logits.append(train_step_head(hidden.float()).flatten())
+                    wrong.append(w.flatten())
+                    drafted.append(d.flatten())
+                wrong, drafted = torch.cat(wrong), torch.cat(drafted)
+                loss = balanced_bce(torch.cat(logits), wrong, drafted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss.item():.3f}", wrong=f"{wrong.sum().item() / drafted.sum().item():.1%}",
-                            tok_s=f"{args.batch_size * base.config.block_size / dt:.0f}",
+                            tok_s=f"{tokens_per_step / dt:.0f}",
                             mfu=f"{flops_per_step / dt / peak:.0%}")
     except KeyboardInterrupt:
         bar.close()

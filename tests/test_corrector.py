@@ -39,11 +39,12 @@ def test_head_keeps_the_step_budget_and_never_remasks_on_the_last_step(tiny_mode
 
 def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):
     torch.manual_seed(0)
-    x0 = data.get_batch(enc, 16, random.Random(0))
+    x0 = data.get_batch(enc, 16, random.Random(0))[0]
+    P = x0.shape[1] - data.GEN_LEN
     for fca in (True, False):
-        hidden, wrong, drafted = fca_drafts(tiny_model, x0, data.PROMPT_LEN, n_drafts=4, fca=fca)
-        assert hidden.shape == (16, x0.shape[1], tiny_model.config.n_embd)
-        assert (drafted.sum(1) <= 4).all() and drafted.sum() > 0 and not drafted[:, :data.PROMPT_LEN].any()
+        hidden, wrong, drafted = fca_drafts(tiny_model, x0, P, n_drafts=4, fca=fca)
+        assert hidden.shape == (len(x0), x0.shape[1], tiny_model.config.n_embd)
+        assert (drafted.sum(1) <= 4).all() and drafted.sum() > 0 and not drafted[:, :P].any()
         assert not (wrong & ~drafted).any() and wrong.any()  # an untrained base drafts wrong tokens
 
 

@@ -85,8 +85,10 @@ def test_test_set_is_fixed_by_its_seed():
     assert [p.prompt for p in data.fixed_problems("math", "test", 20)] == [p.prompt for p in a]
 
 
-def test_batches_have_the_fixed_layout(enc):
-    x = data.get_batch(enc, 8, random.Random(0))
-    assert x.shape == (8, data.PROMPT_LEN + data.GEN_LEN) and x.dtype == torch.long
-    assert (x[:, -1] == enc.eos).all()  # every response ends in EOS padding
-    assert not (x == enc.mask).any()
+def test_batches_have_one_narrow_canvas_per_task(enc):
+    math, code = data.get_batch(enc, 8, random.Random(0))
+    assert math.shape == (6, data.PROMPT_WIDTHS[0] + data.GEN_LEN) and math.dtype == torch.long
+    assert code.shape == (2, data.PROMPT_LEN + data.GEN_LEN)
+    for x in (math, code):
+        assert (x[:, -1] == enc.eos).all()  # the response is the last GEN_LEN columns, ending in EOS padding
+        assert not (x == enc.mask).any()

@@ -18,7 +18,7 @@ class CountingModel(torch.nn.Module):
 
 
 def prompts(enc, n=3):
-    return torch.tensor([data.encode_prompt(enc, p.prompt) for p in data.fixed_problems("math", "test", n)])
+    return data.encode_prompts(enc, [p.prompt for p in data.fixed_problems("math", "test", n)])
 
 
 @pytest.mark.parametrize("steps,block_len", [(32, None), (8, None), (5, None), (1, None), (8, 8)])
@@ -27,7 +27,7 @@ def test_exactly_steps_forward_passes_and_no_mask_left(tiny_model, enc, steps, b
     out, passes = generate(model, p, data.GEN_LEN, steps, block_len=block_len)
     assert passes == model.calls == steps
     assert not (out == enc.mask).any()
-    assert torch.equal(out[:, :data.PROMPT_LEN], p)  # the prompt is never changed
+    assert torch.equal(out[:, :p.shape[1]], p)  # the prompt is never changed
 
 
 def test_reveals_the_scheduled_count_per_step(tiny_model, enc):
@@ -41,10 +41,11 @@ def test_reveals_the_scheduled_count_per_step(tiny_model, enc):
 
 def test_blocks_fill_left_to_right(tiny_model, enc):
     states = []
-    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, block_len=8, on_step=lambda s, x, back: states.append(x.clone()))
-    second_block = slice(data.PROMPT_LEN + 8, data.PROMPT_LEN + 16)
-    assert (states[1][:, second_block] == enc.mask).all()  # after block 1's two steps, block 2 untouched
-    assert not (states[1][:, data.PROMPT_LEN:data.PROMPT_LEN + 8] == enc.mask).any()
+    p = prompts(enc)
+    generate(tiny_model, p, data.GEN_LEN, 8, block_len=8, on_step=lambda s, x, back: states.append(x.clone()))
+    P = p.shape[1]
+    assert (states[1][:, P + 8:P + 16] == enc.mask).all()  # after block 1's two steps, block 2 untouched
+    assert not (states[1][:, P:P + 8] == enc.mask).any()
 
 
 def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
@@ -123,14 +124,14 @@ class NeverSettles(torch.nn.Module):
 
 def half_revealed(tiny_model, enc):
     x, _ = generate(tiny_model, prompts(enc), data.GEN_LEN, 4)
-    x[:, data.PROMPT_LEN::2] = enc.mask  # every other response token masked again
+    x[:, -data.GEN_LEN::2] = enc.mask  # every other response token masked again
     return x, tiny_model(x)
 
 
 def test_corrector_loop_stops_at_a_fixed_point_and_writes_back_only_revealed_tokens(tiny_model, enc):
     from sample import correct
     x, logits = half_revealed(tiny_model, enc)
-    is_response = torch.arange(x.shape[1]) >= data.PROMPT_LEN
+    is_response = torch.arange(x.shape[1]) >= x.shape[1] - data.GEN_LEN
     model = CountingModel(tiny_model)
     out, (last_logits, _), passes = correct(model, x, logits, is_response, max_steps=20)
     assert passes == model.calls < 20  # it settled before the limit
@@ -143,7 +144,7 @@ def test_corrector_loop_without_a_fixed_point_stops_after_S_passes(tiny_model, e
     from sample import correct
     x, logits = half_revealed(tiny_model, enc)
     model = NeverSettles(tiny_model.config)
-    _, _, passes = correct(model, x, logits, torch.arange(x.shape[1]) >= data.PROMPT_LEN, max_steps=3)
+    _, _, passes = correct(model, x, logits, torch.arange(x.shape[1]) >= x.shape[1] - data.GEN_LEN, max_steps=3)
     assert passes == model.calls == 3
 
 
