@@ -1,7 +1,7 @@
 """
 Train the masked diffusion LM from scratch on both task families.
 
-    python train_base.py                      # CPU default: ~27 minutes on 2 cores
+    python train_base.py                      # CPU default: ~28 minutes on 2 cores
     python train_base.py --resume             # continue out/base.pt
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
@@ -92,7 +92,7 @@ def main(argv=None):
     ddp = world > 1
     master = rank == 0
     cuda = args.device.startswith("cuda")
-    # defaults sized for the machine: a CPU run that fits in ~25 minutes, a larger CUDA run
+    # defaults sized for the machine: a CPU run that fits in 30 minutes, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
                                         ("batch_size", 128, 512), ("max_iters", 2400, 4000)]:
         if getattr(args, name) is None:

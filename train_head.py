@@ -1,7 +1,7 @@
 """
 Train the DSC correction head on the frozen base's own mistakes.
 
-    python train_head.py             # FCA head -> out/head.pt (CPU default: a few minutes)
+    python train_head.py             # FCA head -> out/head.pt (CPU default: ~9 minutes)
     python train_head.py --no-fca    # the ablation: drafts made and judged in one context
     torchrun --nproc_per_node=2 train_head.py   # DistributedDataParallel over the head
 
