@@ -19,8 +19,8 @@ plus <|eos|> and <|mask|>. Layout: a row is its prompt, left-padded with <|eos|>
 to the narrowest of PROMPT_WIDTHS that holds it, followed by GEN_LEN response
 tokens (right-padded with <|eos|>): the response is always the last GEN_LEN
 columns. A math prompt (at most 12 tokens) takes 16 columns, a code prompt 48,
-so math rows do not pay for 32 columns of padding (measured: 1.55x training
-steps per second at the default mix); two static shapes serve everything.
+so math rows do not pay for 32 columns of padding (measured: 0.65 s against 1.03 s
+per training step of the default runs); two static shapes serve everything.
 """
 
 import hashlib
