@@ -316,26 +316,22 @@ def tokenizer_id(enc):
     return hashlib.sha256(blob.encode() + PATTERN.encode()).hexdigest()[:16]
 
 
-def encode_prompt(enc, prompt, width=None):
-    """Prompt ids left-padded with EOS to `width` (default: the narrowest of
-    PROMPT_WIDTHS that holds them); ValueError if it does not fit."""
+def encode_prompt(enc, prompt):
+    """Prompt ids left-padded with EOS to the narrowest of PROMPT_WIDTHS that holds
+    them; ValueError if none does."""
     ids = enc.encode_ordinary(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
-    return [enc.eos] * ((width or prompt_width([len(ids)])) - len(ids)) + ids
-
-
-def prompt_width(lengths):
-    """The narrowest of PROMPT_WIDTHS that holds prompts of these token lengths."""
-    if max(lengths) > PROMPT_LEN:
-        raise ValueError(f"the prompt is {max(lengths)} tokens, longer than the {PROMPT_LEN} the model reads")
-    return next(w for w in PROMPT_WIDTHS if w >= max(lengths))
+    if len(ids) > PROMPT_LEN:
+        raise ValueError(f"the prompt is {len(ids)} tokens, longer than the {PROMPT_LEN} the model reads")
+    return [enc.eos] * (next(w for w in PROMPT_WIDTHS if w >= len(ids)) - len(ids)) + ids
 
 
 def encode_prompts(enc, prompts):
-    """(n, width) prompt ids sharing one width: the narrowest that holds them all."""
-    width = prompt_width([len(enc.encode_ordinary(p)) for p in prompts])
-    return torch.tensor([encode_prompt(enc, p, width) for p in prompts], dtype=torch.long)
+    """(n, width) prompt ids sharing one width: the widest any of them needs."""
+    rows = [encode_prompt(enc, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    return torch.tensor([[enc.eos] * (width - len(r)) + r for r in rows], dtype=torch.long)
 
 
 def encode_response(enc, response):

@@ -164,13 +164,13 @@ def decode_problems(model, enc, problems, steps, batch_size=256, **kwargs):
     Prompts are batched with others of their width, the layout the model was trained on."""
     device = next(model.parameters()).device
     responses, passes = [None] * len(problems), 0
-    by_width = {}
-    for i, p in enumerate(problems):
-        by_width.setdefault(len(data.encode_prompt(enc, p.prompt)), []).append(i)
+    encoded, by_width = [data.encode_prompt(enc, p.prompt) for p in problems], {}
+    for i, ids in enumerate(encoded):
+        by_width.setdefault(len(ids), []).append(i)
     for rows in by_width.values():
         for j in range(0, len(rows), batch_size):
             chunk = rows[j:j + batch_size]
-            prompts = data.encode_prompts(enc, [problems[i].prompt for i in chunk]).to(device)
+            prompts = torch.tensor([encoded[i] for i in chunk], device=device)
             out, passes = generate(model, prompts, data.GEN_LEN, steps, **kwargs)
             for i, row in zip(chunk, out):
                 responses[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist())
