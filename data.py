@@ -24,6 +24,7 @@ per training step of the default runs); two static shapes serve everything.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -86,13 +87,17 @@ def math_problem(rng, level=2):
         prompt, answer = f"{a}+{b}+{c}=", a + b + c
         for x, y, z in [(a, b, c), (a, c, b), (b, c, a)]:
             responses.append(f"{x}+{y}={x + y:02d},{x + y:02d}+{z}={answer:02d}")
-    elif form in ("prod2", "prod3"):  # sum of products: products in any order
+    elif form in ("prod2", "prod3"):  # sum of products: each product either way round
         n = 2 if form == "prod2" else 3
         pairs = [(d[2 * i], d[2 * i + 1]) for i in range(n)]
         prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
         answer = sum(a * b for a, b in pairs)
-        for order in ([0, 1], [1, 0]) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1]):
-            steps = [f"{_mul(*pairs[i], rng)}={pairs[i][0] * pairs[i][1]:02d}" for i in order]
+        # two products stay in the prompt's order: with both orders as well the CPU base
+        # paired the wrong factors (58/99 right); in this order 99/99 (README)
+        orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
+        for order, flips in itertools.product(orders, itertools.product((False, True), repeat=n)):
+            steps = [f"{pairs[i][flip]}*{pairs[i][1 - flip]}={pairs[i][0] * pairs[i][1]:02d}"
+                     for i, flip in zip(order, flips)]
             acc = pairs[order[0]][0] * pairs[order[0]][1]
             for i in order[1:]:
                 p = pairs[i][0] * pairs[i][1]
