@@ -93,7 +93,7 @@ def math_problem(rng, level=2):
         prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
         answer = sum(a * b for a, b in pairs)
         # two products stay in the prompt's order: with both orders as well the CPU base
-        # paired the wrong factors (58/99 right); in this order 99/99 (README)
+        # paired the wrong factors (58/99 right); in this order 96/99 (README)
         orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
         for order, flips in itertools.product(orders, itertools.product((False, True), repeat=n)):
             steps = [f"{pairs[i][flip]}*{pairs[i][1 - flip]}={pairs[i][0] * pairs[i][1]:02d}"
