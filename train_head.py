@@ -29,7 +29,7 @@ import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
 from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
                    setup_distributed)
-from sample import decode_problems, generate
+from sample import BLOCK_LEN, decode_problems, generate
 
 
 def get_args(argv=None):
@@ -93,7 +93,7 @@ def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
         problems = data.fixed_problems(task, "val", n)
         prompts = data.encode_prompts(enc, [p.prompt for p in problems]).to(device)
         with ctx:
-            out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step)
+            out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step, BLOCK_LEN)
             p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, -data.GEN_LEN:].cpu()
         drafts = out[:, -data.GEN_LEN:].cpu()
         right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
