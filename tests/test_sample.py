@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import data
-from sample import generate
+from sample import BLOCK_LEN, decode_problems, generate
 
 
 class CountingModel(torch.nn.Module):
@@ -46,6 +46,15 @@ def test_blocks_fill_left_to_right(tiny_model, enc):
     P = p.shape[1]
     assert (states[1][:, P + 8:P + 16] == enc.mask).all()  # after block 1's two steps, block 2 untouched
     assert not (states[1][:, P:P + 8] == enc.mask).any()
+
+
+def test_problems_are_decoded_in_blocks_by_default(tiny_model, enc):
+    states = []
+    decode_problems(tiny_model, enc, data.fixed_problems("math", "test", 3), 8,
+                    on_step=lambda s, x, back: states.append(x[:, -data.GEN_LEN:].clone()))
+    steps_in_last_block = 8 * BLOCK_LEN // data.GEN_LEN
+    before_last_block = states[8 - steps_in_last_block - 1]
+    assert (before_last_block[:, -BLOCK_LEN:] == enc.mask).all()  # fails if decoding ignores the blocks
 
 
 def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
