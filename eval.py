@@ -7,7 +7,7 @@ equal forward passes, on the fixed test set, scored by data.py's verifiers.
     python eval.py --speed         # also time one decoding step: base pass vs head, and the head's share
 
 Methods (each needs its checkpoint; a missing head is skipped with a note):
-    base      the base alone (LLaDA low-confidence decoding)
+    base      the base alone (LLaDA low-confidence decoding, in blocks of --block-len)
     dsc       base + the DSC head trained with FCA        (out/head.pt)
     no-fca    base + the head trained without FCA         (out/head_nofca.pt)
     random    base + random remasking of as many tokens as the DSC head sent back, step by step
@@ -30,7 +30,7 @@ import torch
 import data
 from corrector import load_head
 from model import CheckpointError, load_model, model_fingerprint, pick_device
-from sample import decode_problems
+from sample import BLOCK_LEN, check_schedule, decode_problems
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
 
@@ -57,12 +57,22 @@ def main(argv=None):
     parser.add_argument("--corrector-every", type=int, default=1, help="ProSeCo: a corrector loop every omega steps")
     parser.add_argument("--num", type=int, default=150, help="test problems per task")
     parser.add_argument("--tokens-per-step", default="1,2,4,8", help="budgets to evaluate")
+    parser.add_argument("--block-len", type=int, default=BLOCK_LEN,
+                        help=f"semi-autoregressive block length; {data.GEN_LEN} = one block")
     parser.add_argument("--out", default="out/eval.json", help="where the JSON results go")
     parser.add_argument("--plot", action="store_true", help="write accuracy vs tokens per step to out/eval.png")
     parser.add_argument("--speed", action="store_true", help="time the base pass and the head in a decoding step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args(argv)
+    try:
+        budgets = [int(k) for k in args.tokens_per_step.split(",")]
+        for k in budgets:
+            if not 0 < k <= data.GEN_LEN:
+                raise ValueError(f"tokens per step must be between 1 and {data.GEN_LEN}, got {k}")
+            check_schedule(data.GEN_LEN, data.GEN_LEN // k, args.block_len)
+    except ValueError as e:
+        sys.exit(f"error: --tokens-per-step {args.tokens_per_step} with --block-len {args.block_len}: {e}")
 
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
@@ -90,7 +100,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     rows = []
-    budgets = [int(k) for k in args.tokens_per_step.split(",")]
     for task in data.TASKS:
         problems = list(data.fixed_problems(task, "test", args.num))
         for k in budgets:
@@ -108,7 +117,8 @@ def main(argv=None):
                 if name == "random":
                     kwargs = {"remask_counts": dsc_counts, "generator": seeded(), "review": heads["dsc"].config.review}
                 with ctx:
-                    responses, passes, seconds, counts = run(model, enc, problems, steps, **kwargs)
+                    responses, passes, seconds, counts = run(model, enc, problems, steps,
+                                                             block_len=args.block_len, **kwargs)
                 if name == "dsc":
                     dsc_counts = counts
                 accuracy = sum(data.score(problems, responses)) / len(problems)
@@ -125,7 +135,8 @@ def main(argv=None):
               f"{r['ms_per_problem']:.2f} | {r['tokens_per_s']:.0f} | {r['remasked_per_problem']:.2f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"rows": rows, "num_problems": args.num, "base": args.base, "base_fingerprint": fingerprint}, f, indent=1)
+        json.dump({"rows": rows, "num_problems": args.num, "block_len": args.block_len, "base": args.base,
+                   "base_fingerprint": fingerprint}, f, indent=1)
     if args.plot:
         plot(rows, os.path.splitext(args.out)[0] + ".png")
     if args.speed and "dsc" in heads:

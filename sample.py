@@ -56,11 +56,7 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     B, P = prompt_ids.shape
     mask_id = model.config.mask_id
     block_len = block_len or gen_len
-    if not 0 < steps <= gen_len:
-        raise ValueError(f"--steps must be between 1 and the generation length {gen_len}, got {steps}")
-    if block_len <= 0 or gen_len % block_len or steps % (gen_len // block_len):
-        raise ValueError(f"the block length ({block_len}) must divide the generation length ({gen_len}) "
-                         f"into a number of blocks that divides --steps ({steps})")
+    check_schedule(gen_len, steps, block_len)
     step_fn = _step_fn(prompt_ids.is_cuda if compile is None else compile)
     if review is None:
         review = head.config.review if head is not None else 0
@@ -94,6 +90,15 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
                 x, reuse, n = correct(model, x, logits, is_response, corrector_steps)
                 passes += n
     return x, passes
+
+
+def check_schedule(gen_len, steps, block_len):
+    """Refuse a budget or block length the decoder cannot spread evenly (ValueError)."""
+    if not 0 < steps <= gen_len:
+        raise ValueError(f"--steps must be between 1 and the generation length {gen_len}, got {steps}")
+    if block_len <= 0 or gen_len % block_len or steps % (gen_len // block_len):
+        raise ValueError(f"the block length ({block_len}) must divide the generation length ({gen_len}) "
+                         f"into a number of blocks that divides --steps ({steps}); --block-len {gen_len} is one block")
 
 
 def decode_step(model, x, open_, is_response, passes_left, may_send_back, stamps, revealed_with, temperature=0.0,

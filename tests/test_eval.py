@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import eval as evaluate
 import train_base
 import train_head
@@ -19,3 +21,9 @@ def test_eval_compares_every_method_at_equal_forward_passes(tmp_path):
     for task in ("math", "code"):  # tau=0 sends back all it may: the control sends back exactly as many
         assert rows[task, "dsc"]["remasked_per_problem"] > 0
         assert rows[task, "random"]["remasked_per_problem"] == rows[task, "dsc"]["remasked_per_problem"]
+
+
+def test_eval_refuses_a_block_length_that_does_not_fit_a_budget(tmp_path):
+    with pytest.raises(SystemExit, match="^error: .*block length") as e:  # one line, before any checkpoint is read
+        evaluate.main(["--tokens-per-step", "16", "--block-len", "8", "--base", str(tmp_path / "none.pt")])
+    assert e.value.code != 0
