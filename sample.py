@@ -3,13 +3,16 @@ Parallel decoding for the masked diffusion LM, and a CLI to watch it work.
 
 generate() is METHOD.md section 2 (LLaDA's low-confidence remasking): start from
 prompt + GEN_LEN masks, make `steps` forward passes, and at each one reveal the
-most confident masked positions; tokens per step k = GEN_LEN / steps is the
-speed knob. With a correction head (corrector.py), the same forward pass also
-scores the tokens revealed so far and the head sends likely-wrong ones back.
+most confident masked positions of the current block (the CLI, eval.py and the
+training scripts decode in two blocks of BLOCK_LEN, left to right); tokens per
+step k = GEN_LEN / steps is the speed knob. With a correction head
+(corrector.py), the same forward pass also scores the tokens revealed so far and
+the head sends likely-wrong ones back.
 
     python sample.py --steps 4            # decode test prompts, print verdicts
     python sample.py --steps 4 --show     # watch the canvas fill in, step by step
     python sample.py --prompt "(3+4)*7="  # your own prompt
+    python sample.py --block-len 32       # one block: the whole answer at once
 """
 
 import argparse
