@@ -10,7 +10,9 @@ return the penultimate block's hidden states, which the correction head reads.
 import hashlib
 import math
 import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -271,6 +273,26 @@ def peak_flops(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0), "measured fp32 matmul"
+
+
+@contextmanager
+def uninterrupted():
+    """Hold Ctrl-C and SIGTERM until the block ends, then raise KeyboardInterrupt: an
+    optimizer step interrupted halfway would leave some parameters (and their Adam
+    step counts) one update ahead of the others in the checkpoint saved on exit."""
+    held = []
+
+    def hold(signum, frame):
+        held.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def lr_at(it, args):

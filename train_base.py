@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import data
 from model import (GPT, CheckpointError, GPTConfig, finish_distributed, load_checkpoint, lr_at, mdlm_loss, peak_flops,
-                   proseco_loss, save_checkpoint, setup_distributed)
+                   proseco_loss, save_checkpoint, setup_distributed, uninterrupted)
 from sample import decode_problems
 
 
@@ -166,8 +166,9 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            done = it + 1
+            with uninterrupted():  # the checkpoint saved on interruption never holds half a step
+                optimizer.step()
+                done = it + 1
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
 from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
-                   setup_distributed)
+                   setup_distributed, uninterrupted)
 from sample import BLOCK_LEN, decode_problems, generate
 
 
@@ -182,7 +182,8 @@ def main(argv=None):
                 loss = balanced_bce(torch.cat(logits), wrong, drafted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            with uninterrupted():  # the head saved on interruption never holds half a step
+                optimizer.step()
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss.item():.3f}", wrong=f"{wrong.sum().item() / drafted.sum().item():.1%}",
                             tok_s=f"{tokens_per_step / dt:.0f}",

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import data
-from model import (GPT, CheckpointError, load_checkpoint, load_model, mask_response, mdlm_loss, save_checkpoint)
+from model import (GPT, CheckpointError, load_checkpoint, load_model, mask_response, mdlm_loss, save_checkpoint,
+                   uninterrupted)
 from conftest import tiny_config
 
 
@@ -161,3 +162,18 @@ def test_compiled_training_step_compiles_once_per_canvas_width(enc):
         for x0 in data.get_batch(enc, 8, rng):
             mdlm_loss(compiled, x0, x0.shape[1] - data.GEN_LEN, enc.mask)[0].backward()
     assert len(graphs) == len(data.PROMPT_WIDTHS)
+
+
+def test_a_signal_during_an_uninterrupted_block_is_raised_when_it_ends():
+    import os
+    import signal
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # as the training scripts set it
+    finished = False
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished = True  # the block (an optimizer step) runs to its end first
+        assert finished and signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
