@@ -3,12 +3,15 @@ Tasks, tokenizer, verifiers and batches for the masked diffusion LM.
 
 Two task families, each generated from a seed and each with a verifier:
   math: multi-step arithmetic with a worked solution, e.g. "(3+4)*7=" ->
-        "3+4=7,7*7=49" or "3*7=21,4*7=28,21+28=49". Score: final answer.
+        "3+4=07,07*7=49" or "3*7=21,4*7=28,21+28=49", and "2*3+4*5=" as a
+        list of steps "2*3=06,4*5=20,06+20=26" or the prompt's equation
+        continued "06+20=26". Score: final answer.
   code: small Python function synthesis, e.g. "sum of x*3 for x in xs if x>5"
         -> a generator expression, a list comprehension or a loop.
         Score: pass@1 on hidden unit tests, run in a sandbox.
 
-Every prompt has several valid responses (free step order, equivalent forms):
+Every prompt has several valid responses (free step order, equivalent forms
+of different lengths):
 that is what makes revealing many tokens at once go wrong, and so what
 self-correction has to fix. Splits are disjoint by a hash of the problem, and
 the test set is fixed by its seed so every method meets the same problems.
@@ -76,7 +79,11 @@ def math_problem(rng, level=2):
     """One arithmetic problem. level 1: a+b+c; level 2 (default): also a*b+c*d and
     (a+b)*c over digits 1-6; level 3: also a*b+c*d+e*f, digits 1-9. Each worked
     solution may take its steps in any free order; results are written with a
-    fixed width of two digits (07), so every token's position follows from the form."""
+    fixed width of two digits (07), so every token's position follows from the form
+    and layout. Sums take one of two layouts: a list of steps, or the prompt's
+    equation continued (a chain), so valid responses differ in length and where
+    the answer sits depends on the layout chosen: the dependency that parallel
+    decoding breaks ((a+b)*c already has it: two steps or three)."""
     forms = {1: ["sum3"], 2: ["sum3", "prod2", "dist"], 3: ["sum3", "prod2", "dist", "prod3"]}[level]
     form = rng.choice(forms)
     top = 6 if level == 2 else 9  # level 2 keeps sums of products under 100: learnable in the CPU budget
@@ -86,8 +93,9 @@ def math_problem(rng, level=2):
         a, b, c = d[:3]
         prompt, answer = f"{a}+{b}+{c}=", a + b + c
         for x, y, z in [(a, b, c), (a, c, b), (b, c, a)]:
-            responses.append(f"{x}+{y}={x + y:02d},{x + y:02d}+{z}={answer:02d}")
-    elif form in ("prod2", "prod3"):  # sum of products: each product either way round
+            responses.append(f"{x}+{y}={x + y:02d},{x + y:02d}+{z}={answer:02d}")  # list
+            responses.append(f"{x + y:02d}+{z}={answer:02d}")  # chain: 3+4+5=07+5=12
+    elif form in ("prod2", "prod3"):  # sum of products: listed, all products one way round, or chained
         n = 2 if form == "prod2" else 3
         pairs = [(d[2 * i], d[2 * i + 1]) for i in range(n)]
         prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
@@ -95,7 +103,9 @@ def math_problem(rng, level=2):
         # two products stay in the prompt's order: with both orders as well the CPU base
         # paired the wrong factors (58/99 right); in this order 96/99 (README)
         orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
-        for order, flips in itertools.product(orders, itertools.product((0, 1), repeat=n)):
+        # all products the same way round: two list and two chain responses, so in
+        # training the two layouts weigh the same
+        for order, flips in itertools.product(orders, [(0,) * n, (1,) * n]):
             steps = [f"{pairs[i][flip]}*{pairs[i][1 - flip]}={pairs[i][0] * pairs[i][1]:02d}"
                      for i, flip in zip(order, flips)]
             acc = pairs[order[0]][0] * pairs[order[0]][1]
@@ -103,7 +113,9 @@ def math_problem(rng, level=2):
                 p = pairs[i][0] * pairs[i][1]
                 steps.append(f"{acc:02d}+{p:02d}={acc + p:02d}")
                 acc += p
-            responses.append(",".join(steps))
+            responses.append(",".join(steps))  # list
+        for perm in itertools.permutations(f"{a * b:02d}" for a, b in pairs):  # chain: 2*3+4*5=06+20=26
+            responses.append("+".join(perm) + f"={answer:02d}")
     else:  # (a+b)*c: add first, or distribute
         a, b, c = d[:3]
         prompt, answer = f"({a}+{b})*{c}=", (a + b) * c
@@ -355,10 +367,10 @@ def decode_response(enc, ids):
 
 def get_batch(enc, batch_size, rng, split="train", level=2):
     """A batch of batch_size rows as one tensor per task (math, code), each (rows,
-    prompt width + GEN_LEN) with one random valid response per row. Three quarters
-    math, one quarter code: code is learned mostly by copying and needs fewer steps."""
+    prompt width + GEN_LEN) with one random valid response per row. Three fifths math,
+    two fifths code: with a quarter or a third code the base fell short on code (README)."""
     batches = []
-    for task, n in (("math", batch_size - batch_size // 4), ("code", batch_size // 4)):
+    for task, n in (("math", batch_size - 2 * batch_size // 5), ("code", 2 * batch_size // 5)):
         if n == 0:
             continue
         problems = [sample_problem(task, split, rng, level) for _ in range(n)]

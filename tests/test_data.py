@@ -29,6 +29,13 @@ def test_problems_have_several_valid_responses():
         assert sum(several) >= 0.95 * len(several)
 
 
+def test_every_math_prompt_has_valid_responses_of_different_lengths(enc):
+    rng = random.Random(5)  # where the answer sits depends on the layout: what parallel decoding mixes up
+    for _ in range(200):
+        p = data.sample_problem("math", "train", rng)
+        assert len({len(enc.encode_ordinary(r)) for r in p.responses}) >= 2, p.prompt
+
+
 def test_math_verifier_accepts_every_reference_and_rejects_wrong_answers():
     rng = random.Random(1)
     for _ in range(50):
@@ -87,8 +94,8 @@ def test_test_set_is_fixed_by_its_seed():
 
 def test_batches_have_one_narrow_canvas_per_task(enc):
     math, code = data.get_batch(enc, 8, random.Random(0))
-    assert math.shape == (6, data.PROMPT_WIDTHS[0] + data.GEN_LEN) and math.dtype == torch.long
-    assert code.shape == (2, data.PROMPT_LEN + data.GEN_LEN)
+    assert math.shape == (5, data.PROMPT_WIDTHS[0] + data.GEN_LEN) and math.dtype == torch.long
+    assert code.shape == (3, data.PROMPT_LEN + data.GEN_LEN)
     for x in (math, code):
         assert (x[:, -1] == enc.eos).all()  # the response is the last GEN_LEN columns, ending in EOS padding
         assert not (x == enc.mask).any()
