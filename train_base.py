@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default: 6 on CPU, 8 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 128 CPU, 512 CUDA)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="optimizer steps (default: 1500 CPU, 4000 CUDA; half for proseco, whose step costs two)")
+                   help="optimizer steps (default: 2400 CPU, 4000 CUDA; half for proseco, whose step costs two)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
