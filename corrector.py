@@ -8,7 +8,7 @@ frozen base's penultimate hidden states that says which revealed tokens are wron
                     poorer context and judged in richer context (Future-Context
                     Augmentation); fca=False is the no-FCA (PRISM-style) ablation
     remask          the inference rule: send back revealed tokens above tau, at
-                    most K per step, skipping a FIFO of recently sent-back ones
+                    most K per check, skipping a FIFO of recently sent-back ones
     random_remask   the control: as many tokens, chosen at random
 """
 
@@ -31,6 +31,7 @@ class HeadConfig:
     max_remask: int = 2  # K: at most this many tokens sent back per step
     fifo_len: int = 4  # the last fifo_len positions sent back are not sent back again
     review: int = 0  # decoding passes kept for corrections at the end (sample.generate); picked with tau
+    check_every: int = 4  # tokens revealed per row between two checks by the head (sample.generate)
 
 
 class CorrectionHead(nn.Module):

@@ -41,7 +41,8 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     one block). Each step reveals ceil(masks left / steps left) tokens per row, so
     every mask is filled by the block's last step. With `head` (corrector.py), the
     same forward pass also scores the revealed tokens and remask() sends likely
-    wrong ones back; they are predicted again later. By default `steps` is a hard
+    wrong ones back (once per head.config.check_every tokens revealed); they are
+    predicted again later. By default `steps` is a hard
     budget (later steps reveal more to make room); extend=True is the paper's
     variant: the schedule is kept and corrections add steps (at most 2x).
     remask_counts (steps, B) is the random-remasking control: that many random
@@ -70,13 +71,18 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     revealed_with = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # ReMDM-conf: confidence at reveal
     n_blocks = gen_len // block_len
     steps_per_block, passes, reuse, step_no = steps // n_blocks, 0, None, -1
+    # the head checks the canvas once per head.config.check_every tokens revealed: every step at
+    # that many tokens per step or more, every few steps below (a check can only add false alarms
+    # when few new tokens could be wrong)
+    check_every = 1 if head is None else max(1, head.config.check_every * steps_per_block // block_len)
     for blk in range(n_blocks):
         open_ = pos < P + (blk + 1) * block_len  # this block, and earlier positions sent back
         cap = steps_per_block * (2 if extend else 1)
         # the block's per-step numbers, made once as tensors: no host-to-device copy inside the loop,
         # and a compiled step sees the same shapes every time
         passes_left = torch.tensor([max(steps_per_block - review - s, 1) for s in range(cap)], device=x.device)
-        may_send_back = torch.arange(cap, device=x.device) < cap - 1  # never on a block's last step
+        step = torch.arange(cap, device=x.device)
+        may_send_back = (step < cap - 1) & (step % check_every == check_every - 1)  # never on a block's last step
         for s in range(cap):
             if extend and s >= steps_per_block and not ((x == mask_id) & open_).any():
                 break  # (the one host sync, and only in the extended variant)

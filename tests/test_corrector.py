@@ -37,6 +37,15 @@ def test_head_keeps_the_step_budget_and_never_remasks_on_the_last_step(tiny_mode
     assert passes > 8  # the paper's variant: corrections add forward passes, and they are counted
 
 
+def test_at_one_token_per_step_the_head_checks_every_fourth_step(tiny_model, enc):
+    head = CorrectionHead(HeadConfig(n_embd_in=tiny_model.config.n_embd, tau=0.0, check_every=4)).eval()
+    p = torch.tensor([data.encode_prompt(enc, q.prompt) for q in data.fixed_problems("code", "test", 2)])
+    back = []
+    generate(tiny_model, p, data.GEN_LEN, data.GEN_LEN, block_len=16, head=head,
+             on_step=lambda s, x, b: back.append(b.sum().item()))
+    assert [i % 16 for i, n in enumerate(back) if n] == [3, 7, 11] * 2  # 4 tokens revealed per check; never a block's last step
+
+
 def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):
     torch.manual_seed(0)
     x0 = data.get_batch(enc, 16, random.Random(0))[0]
