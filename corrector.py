@@ -28,7 +28,7 @@ class HeadConfig:
     n_layer: int = 2
     n_head: int = 4
     tau: float = 0.5  # remask when P(wrong) > tau; train_head.py picks it on validation data
-    max_remask: int = 2  # K: at most this many tokens sent back per step
+    max_remask: int = 2  # K: at most this many tokens sent back per check
     fifo_len: int = 4  # the last fifo_len positions sent back are not sent back again
     review: int = 0  # decoding passes kept for corrections at the end (sample.generate); picked with tau
     check_every: int = 4  # tokens revealed per row between two checks by the head (sample.generate)

@@ -42,9 +42,9 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     every mask is filled by the block's last step. With `head` (corrector.py), the
     same forward pass also scores the revealed tokens and remask() sends likely
     wrong ones back (once per head.config.check_every tokens revealed); they are
-    predicted again later. By default `steps` is a hard
-    budget (later steps reveal more to make room); extend=True is the paper's
-    variant: the schedule is kept and corrections add steps (at most 2x).
+    predicted again later. By default `steps` is a hard budget (later steps
+    reveal more to make room); extend=True is the paper's variant: the
+    schedule is kept and corrections add steps (at most 2x).
     remask_counts (steps, B) is the random-remasking control: that many random
     revealed tokens go back at each step. remdm_eta > 0 is ReMDM-conf, training-free:
     each step about eta * (tokens revealed) go back, drawn with probability
@@ -71,9 +71,9 @@ def generate(model, prompt_ids, gen_len, steps, block_len=None, temperature=0.0,
     revealed_with = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # ReMDM-conf: confidence at reveal
     n_blocks = gen_len // block_len
     steps_per_block, passes, reuse, step_no = steps // n_blocks, 0, None, -1
-    # the head checks the canvas once per head.config.check_every tokens revealed: every step at
-    # that many tokens per step or more, every few steps below (a check can only add false alarms
-    # when few new tokens could be wrong)
+    # the head checks once per head.config.check_every tokens revealed: every step at that many
+    # tokens per step or more, every few steps below, where checking every step cost accuracy
+    # at one token per step (README, "How often the head checks")
     check_every = 1 if head is None else max(1, head.config.check_every * steps_per_block // block_len)
     for blk in range(n_blocks):
         open_ = pos < P + (blk + 1) * block_len  # this block, and earlier positions sent back

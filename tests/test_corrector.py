@@ -43,7 +43,7 @@ def test_at_one_token_per_step_the_head_checks_every_fourth_step(tiny_model, enc
     back = []
     generate(tiny_model, p, data.GEN_LEN, data.GEN_LEN, block_len=16, head=head,
              on_step=lambda s, x, b: back.append(b.sum().item()))
-    assert [i % 16 for i, n in enumerate(back) if n] == [3, 7, 11] * 2  # 4 tokens revealed per check; never a block's last step
+    assert [i % 16 for i, n in enumerate(back) if n] == [3, 7, 11] * 2  # never on a block's last step (15)
 
 
 def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):
