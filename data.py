@@ -103,9 +103,11 @@ def math_problem(rng, level=2):
         # two products stay in the prompt's order: with both orders as well the CPU base
         # paired the wrong factors (58/99 right); in this order 96/99 (README)
         orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
-        # all products the same way round: two list and two chain responses, so in
-        # training the two layouts weigh the same
-        for order, flips in itertools.product(orders, [(0,) * n, (1,) * n]):
+        # two products: one list (as the prompt writes them) and one chain (in its order),
+        # drawn equally, so neither layout has variants that split its tokens and revealed
+        # tokens that disagree mix the layouts (README); three: both kinds flipped together
+        flip_sets = [(0,) * n] if n == 2 else [(0,) * n, (1,) * n]
+        for order, flips in itertools.product(orders, flip_sets):
             steps = [f"{pairs[i][flip]}*{pairs[i][1 - flip]}={pairs[i][0] * pairs[i][1]:02d}"
                      for i, flip in zip(order, flips)]
             acc = pairs[order[0]][0] * pairs[order[0]][1]
@@ -114,7 +116,9 @@ def math_problem(rng, level=2):
                 steps.append(f"{acc:02d}+{p:02d}={acc + p:02d}")
                 acc += p
             responses.append(",".join(steps))  # list
-        for perm in itertools.permutations(f"{a * b:02d}" for a, b in pairs):  # chain: 2*3+4*5=06+20=26
+        products = [f"{a * b:02d}" for a, b in pairs]
+        chains = [products] if n == 2 else itertools.permutations(products)
+        for perm in chains:  # chain: 2*3+4*5=06+20=26
             responses.append("+".join(perm) + f"={answer:02d}")
     else:  # (a+b)*c: add first, or distribute
         a, b, c = d[:3]
