@@ -105,7 +105,8 @@ def math_problem(rng, level=2):
         orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
         # two products: one list (as the prompt writes them) and one chain (in its order),
         # drawn equally, so neither layout has variants that split its tokens and revealed
-        # tokens that disagree mix the layouts (README); three: both kinds flipped together
+        # tokens that disagree mix the layouts (README); three (level 3): lists in four
+        # orders with all products flipped together or not, chains in every order
         flip_sets = [(0,) * n] if n == 2 else [(0,) * n, (1,) * n]
         for order, flips in itertools.product(orders, flip_sets):
             steps = [f"{pairs[i][flip]}*{pairs[i][1 - flip]}={pairs[i][0] * pairs[i][1]:02d}"
