@@ -7,9 +7,10 @@ frozen base's penultimate hidden states that says which revealed tokens are wron
     fca_drafts      training examples: the frozen base's own drafts, made with
                     poorer context and judged in richer context (Future-Context
                     Augmentation); fca=False is the no-FCA (PRISM-style) ablation
-    remask          the inference rule: send back revealed tokens above tau, at
-                    most K per check, skipping a FIFO of recently sent-back ones
-    random_remask   the control: as many tokens, chosen at random
+    balanced_bce    the head's loss
+
+How the head is used at inference (tau, K, the check cadence) is decoding
+policy, not architecture: remasking.HeadRemask.
 """
 
 from dataclasses import asdict, dataclass
@@ -27,11 +28,6 @@ class HeadConfig:
     width: int = 64  # small on purpose: the head must cost little per decoding step
     n_layer: int = 2
     n_head: int = 4
-    tau: float = 0.5  # remask when P(wrong) > tau; train_head.py picks it on validation data
-    max_remask: int = 2  # K: at most this many tokens sent back per check
-    fifo_len: int = 4  # the last fifo_len positions sent back are not sent back again
-    review: int = 0  # decoding passes kept for corrections at the end (sample.generate); picked with tau
-    check_every: int = 4  # tokens revealed per row between two checks by the head (sample.generate)
 
 
 class CorrectionHead(nn.Module):
@@ -85,27 +81,6 @@ def balanced_bce(logits, labels, where):
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     pos, neg = (labels & where).float(), (~labels & where).float()
     return 0.5 * (loss * pos).sum() / pos.sum().clamp(min=1) + 0.5 * (loss * neg).sum() / neg.sum().clamp(min=1)
-
-
-def remask(p_wrong, revealed, stamps, tau, max_remask, fifo_len):
-    """DSC adaptive remasking: which revealed tokens to send back this step.
-
-    Up to max_remask per row with p_wrong > tau, most likely wrong first, skipping
-    the fifo_len positions this row sent back most recently. `stamps` (B, T) is
-    the FIFO: 0 = never sent back, n = the n-th send-back of that row.
-    Returns (chosen (B, T) bool, updated stamps)."""
-    count = stamps.max(dim=1).values  # send-backs so far, per row
-    recent = (stamps > 0) & (stamps > count[:, None] - fifo_len)
-    eligible = revealed & ~recent & (p_wrong > tau)
-    chosen = most_confident(p_wrong, eligible, torch.full_like(count, max_remask))
-    stamps = torch.where(chosen, count[:, None] + chosen.long().cumsum(dim=1), stamps)
-    return chosen, stamps
-
-
-def random_remask(revealed, counts, generator=None):
-    """The control: counts[b] revealed tokens of row b sent back, chosen uniformly at random."""
-    u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
-    return most_confident(u, revealed, counts)
 
 
 def auroc(scores, labels):

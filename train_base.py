@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 from model import (GPT, CheckpointError, GPTConfig, finish_distributed, load_checkpoint, lr_at, mdlm_loss, peak_flops,
                    proseco_loss, save_checkpoint, setup_distributed, uninterrupted)
-from sample import decode_problems
+from sample import FixedSchedule, decode_problems
 
 
 def get_args(argv=None):
@@ -80,7 +80,7 @@ def validate(model, enc, args, ctx):
     for task in data.TASKS:
         problems = data.fixed_problems(task, "val", args.eval_problems, args.level)
         with ctx:
-            responses, _ = decode_problems(model, enc, problems, steps=data.GEN_LEN, generator=gen)
+            responses, _ = decode_problems(model, enc, problems, FixedSchedule(data.GEN_LEN), generator=gen)
         acc[task] = sum(data.score(problems, responses)) / len(problems)
     model.train()
     return sum(losses) / len(losses), acc

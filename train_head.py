@@ -10,7 +10,7 @@ under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts)
 and trains only the head, with the rare 'wrong' class weighted up. At the end
 the head reports, on held-out validation drafts made the same way, its AUROC,
 the positive rate and precision/recall at tau (on FCA drafts and on what the
-sampler writes at 4 tokens per step), and tau and the review passes are picked
+sampler writes at 4 tokens per step), and tau is picked
 on validation problems by decoding accuracy at 4 tokens per step.
 """
 
@@ -29,7 +29,8 @@ import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
 from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
                    setup_distributed, uninterrupted)
-from sample import BLOCK_LEN, decode_problems, generate
+from remasking import HeadRemask
+from sample import FixedSchedule, decode_problems, generate
 
 
 def get_args(argv=None):
@@ -48,8 +49,7 @@ def get_args(argv=None):
     p.add_argument("--draft-tokens", type=int, default=16,
                    help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
-    p.add_argument("--reviews", default="0,1,2", help="review passes (sample.generate) tried on validation")
-    p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau and review")
+    p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=int, default=1, help="head init and drafts (README: seeds 1 and 1337 on the default base)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)
@@ -93,7 +93,7 @@ def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
         problems = data.fixed_problems(task, "val", n)
         prompts = data.encode_prompts(enc, [p.prompt for p in problems]).to(device)
         with ctx:
-            out, _ = generate(base, prompts, data.GEN_LEN, data.GEN_LEN // tokens_per_step, BLOCK_LEN)
+            out, _ = generate(base, prompts, FixedSchedule(data.GEN_LEN // tokens_per_step), eos_id=enc.eos)
             p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, -data.GEN_LEN:].cpu()
         drafts = out[:, -data.GEN_LEN:].cpu()
         right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
@@ -111,19 +111,17 @@ def wrong_tokens(enc, problem, row, accepted):
     return refs[(refs != row).sum(1).argmin()] != row
 
 
-def pick_remasking(base, head, enc, taus, reviews, n, ctx):
-    """The (tau, review passes) with the best validation accuracy at 4 tokens per step
-    (ties: the higher tau, then fewer review passes)."""
+def pick_remasking(base, head, enc, taus, n, ctx):
+    """The remasking policy (remasking.HeadRemask) whose tau gives the best validation
+    accuracy at 4 tokens per step (ties: the higher tau). Returns (policy, accuracy by tau)."""
     problems = [p for t in data.TASKS for p in data.fixed_problems(t, "val", n)]
     results = {}
     for tau in taus:
-        for review in reviews:
-            head.config.tau, head.config.review = tau, review
-            with ctx:
-                responses, _ = decode_problems(base, enc, problems, steps=data.GEN_LEN // 4, head=head)
-            results[tau, review] = sum(data.score(problems, responses)) / len(problems)
-    head.config.tau, head.config.review = max(results, key=lambda tr: (results[tr], tr[0], -tr[1]))
-    return results
+        with ctx:
+            responses, _ = decode_problems(base, enc, problems, FixedSchedule(data.GEN_LEN // 4),
+                                           remask=HeadRemask(head, tau))
+        results[tau] = sum(data.score(problems, responses)) / len(problems)
+    return HeadRemask(head, max(results, key=lambda tau: (results[tau], tau))), results
 
 
 def main(argv=None):
@@ -190,20 +188,20 @@ def main(argv=None):
                             mfu=f"{flops_per_step / dt / peak:.0%}")
     except KeyboardInterrupt:
         bar.close()
-        print("interrupted: the head is trained on fewer steps than asked; picking tau and review and saving it anyway")
+        print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
     head.eval()
     if master:
-        by_setting = pick_remasking(base, head, enc, [float(t) for t in args.taus.split(",")],
-                                    [int(r) for r in args.reviews.split(",")], args.val_problems, ctx)
-        tau = head.config.tau
+        policy, by_tau = pick_remasking(base, head, enc, [float(t) for t in args.taus.split(",")],
+                                        args.val_problems, ctx)
+        tau = policy.tau
         metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
         decoded = decoded_drafts_metrics(base, head, enc, tau, ctx)
         save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
                         tokenizer_id=data.tokenizer_id(enc), metrics=metrics, decoded_metrics=decoded,
-                        val_accuracy=[[t, r, a] for (t, r), a in by_setting.items()], config=vars(args))
-        print("validation accuracy at 4 tokens/step by (tau, review passes): "
-              + ", ".join(f"({t}, {r}) {a:.1%}" for (t, r), a in by_setting.items())
-              + f"; picked tau={tau}, review={head.config.review}")
+                        remasking=policy.settings(), val_accuracy=[[t, a] for t, a in by_tau.items()],
+                        config=vars(args))
+        print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t} {a:.1%}" for t, a in by_tau.items())
+              + f"; picked tau={tau}")
         for what, m in [(f"held-out FCA drafts ({args.draft_tokens} at once)", metrics),
                         ("held-out problems decoded at 4 tokens/step", decoded)]:
             print(f"{what}: AUROC {m['auroc']:.3f}, positive rate {m['positive_rate']:.1%}, precision "

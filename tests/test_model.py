@@ -52,7 +52,7 @@ def test_loss_counts_only_masked_response_positions(tiny_model, enc):
 
 
 def test_tiny_model_overfits_a_handful_of_examples(enc):
-    from sample import generate
+    from sample import FixedSchedule, generate
     torch.manual_seed(0)
     rng = random.Random(0)
     problems = [data.sample_problem("math", "train", rng) for _ in range(4)]
@@ -65,7 +65,7 @@ def test_tiny_model_overfits_a_handful_of_examples(enc):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out, _ = generate(model.eval(), prompts, data.GEN_LEN, steps=data.GEN_LEN)
+    out, _ = generate(model.eval(), prompts, FixedSchedule(data.GEN_LEN))
     assert (out == x0).all()
 
 

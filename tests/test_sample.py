@@ -1,72 +1,275 @@
+import re
+
 import pytest
 import torch
 
 import data
-from sample import BLOCK_LEN, decode_problems, generate
+from corrector import CorrectionHead, HeadConfig
+from proseco import ProSeCoCorrector
+from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
+from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, decode_problems, end_answers, generate
 
 
 class CountingModel(torch.nn.Module):
-    """Wraps a model and counts its forward passes."""
+    """Wraps a model, counts its forward passes and keeps every canvas it was given."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.config, self.calls = model, model.config, 0
+        self.model, self.config, self.calls, self.inputs = model, model.config, 0, []
 
     def forward(self, x, **kwargs):
         self.calls += 1
+        self.inputs.append(x.clone())
         return self.model(x, **kwargs)
 
 
-def prompts(enc, n=3):
-    return data.encode_prompts(enc, [p.prompt for p in data.fixed_problems("math", "test", n)])
+class Scripted(torch.nn.Module):
+    """A stand-in model: every position predicts token_of_row[b] with probability sure_of_row[b]."""
+
+    def __init__(self, config, token_of_row, sure_of_row):
+        super().__init__()
+        self.config, self.calls = config, 0
+        V = config.vocab_size
+        probs = torch.stack([torch.full((V,), (1 - s) / (V - 2)) for s in sure_of_row])
+        probs[torch.arange(len(token_of_row)), token_of_row] = torch.tensor(sure_of_row)
+        probs[:, config.mask_id] = 0
+        self.logits = probs.log()
+
+    def forward(self, x, return_hidden=False):
+        self.calls += 1
+        logits = self.logits[:, None, :].expand(x.shape[0], x.shape[1], -1)
+        return (logits, torch.zeros(*x.shape, 4)) if return_hidden else logits
 
 
-@pytest.mark.parametrize("steps,block_len", [(32, None), (8, None), (5, None), (1, None), (8, 8)])
-def test_exactly_steps_forward_passes_and_no_mask_left(tiny_model, enc, steps, block_len):
+def prompts(enc, n=3, task="math"):
+    return data.encode_prompts(enc, [p.prompt for p in data.fixed_problems(task, "test", n)])
+
+
+def tiny_head(model, **kw):
+    torch.manual_seed(0)
+    return CorrectionHead(HeadConfig(n_embd_in=model.config.n_embd, width=16)).eval()
+
+
+@pytest.mark.parametrize("steps,block_len", [(32, 32), (8, 32), (5, 32), (1, 32), (8, 8), (8, BLOCK_LEN)])
+def test_fixed_schedule_takes_exactly_steps_passes_per_row_and_fills_every_mask(tiny_model, enc, steps, block_len):
     model, p = CountingModel(tiny_model), prompts(enc)
-    out, passes = generate(model, p, data.GEN_LEN, steps, block_len=block_len)
-    assert passes == model.calls == steps
+    out, passes = generate(model, p, FixedSchedule(steps), block_len=block_len)
+    assert passes.tolist() == [steps] * len(p) and model.calls == steps
     assert not (out == enc.mask).any()
     assert torch.equal(out[:, :p.shape[1]], p)  # the prompt is never changed
 
 
-def test_reveals_the_scheduled_count_per_step(tiny_model, enc):
+def test_fixed_schedule_reveals_the_scheduled_count_per_step(tiny_model, enc):
     masks_left = []
-    generate(tiny_model, prompts(enc), data.GEN_LEN, 5,
-             on_step=lambda s, x, back: masks_left.append((x == enc.mask).sum(1).tolist()))
+    generate(tiny_model, prompts(enc), FixedSchedule(5), block_len=32,
+             on_step=lambda before, x, back: masks_left.append((x == enc.mask).sum(1).tolist()))
     revealed = [data.GEN_LEN - masks_left[0][0]] + [a[0] - b[0] for a, b in zip(masks_left, masks_left[1:])]
     assert revealed == [7, 7, 6, 6, 6]  # 32 tokens spread evenly over 5 steps
     assert all(len(set(row)) == 1 for row in masks_left)  # every row on the same schedule
 
 
 def test_blocks_fill_left_to_right(tiny_model, enc):
-    states = []
-    p = prompts(enc)
-    generate(tiny_model, p, data.GEN_LEN, 8, block_len=8, on_step=lambda s, x, back: states.append(x.clone()))
+    states, p = [], prompts(enc)
+    generate(tiny_model, p, FixedSchedule(8), block_len=8, on_step=lambda before, x, back: states.append(x.clone()))
     P = p.shape[1]
-    assert (states[1][:, P + 8:P + 16] == enc.mask).all()  # after block 1's two steps, block 2 untouched
+    assert (states[1][:, P + 8:] == enc.mask).all()  # after block 1's two steps, the rest untouched
     assert not (states[1][:, P:P + 8] == enc.mask).any()
+
+
+def test_threshold_reveals_every_masked_token_above_it_and_at_least_the_surest():
+    confidence = torch.tensor([[0.95, 0.5, 0.91, 0.99], [0.2, 0.3, 0.1, 0.4]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, False]])
+    owed, steps_left = masked.sum(1), torch.tensor(5)
+    revealed = ConfidenceThreshold(0.9).reveal(confidence, masked, owed, steps_left)
+    assert revealed.tolist() == [[True, False, True, False],  # both masked tokens above 0.9; never a revealed one
+                                 [False, True, False, False]]  # none above: the single most confident
+    assert ConfidenceThreshold(0.9).reveal(confidence, masked, owed, torch.tensor(1)).tolist() == masked.tolist()
+
+
+def test_threshold_decoding_reveals_at_least_one_token_per_step_in_the_current_block(tiny_model, enc):
+    p, steps = prompts(enc), []
+    generate(tiny_model, p, ConfidenceThreshold(0.99), on_step=lambda before, x, back: steps.append((before, x)))
+    P = p.shape[1]
+    for before, x in steps:
+        newly = (before == enc.mask) & (x != enc.mask)
+        still = (before[:, P:] == enc.mask).any(1)
+        assert (newly.sum(1)[still] >= 1).all()
+        block = newly[:, P:].nonzero()[:, 1] // BLOCK_LEN  # all of a step's reveals in one block
+        assert len(set(block.tolist())) <= 1
+
+
+def test_passes_are_counted_per_row_and_a_finished_row_costs_nothing_more(tiny_model, enc):
+    # row 0 is sure its answer is empty: one pass reveals its block as EOS and the row is done;
+    # row 1 is never sure of anything: one token per pass, 16 passes per block
+    model = Scripted(tiny_model.config, token_of_row=[enc.eos, 7], sure_of_row=[0.999, 0.01])
+    out, passes = generate(model, prompts(enc, 2), ConfidenceThreshold(0.9), eos_id=enc.eos)
+    assert passes.tolist() == [1, data.GEN_LEN] and model.calls == data.GEN_LEN
+    assert (out[0, -data.GEN_LEN:] == enc.eos).all() and not (out == enc.mask).any()
+    out, passes = generate(model, prompts(enc, 2), FixedSchedule(8), eos_id=enc.eos)
+    assert passes.tolist() == [1, 8]  # the hard budget is a ceiling per row, not a cost for rows that ended
+
+
+def test_an_ended_answer_is_filled_with_eos_and_an_unfinished_one_is_not(enc):
+    m, e = enc.mask, enc.eos
+    x = torch.tensor([[e, 5, 6, e, m, m], [e, 5, m, e, m, m]])  # prompt: the first two columns
+    assert end_answers(x, 2, m, e).tolist() == [[e, 5, 6, e, e, e], [e, 5, m, e, m, m]]
+
+
+@pytest.mark.parametrize("rule", [FixedSchedule(8), ConfidenceThreshold(0.5)])
+@pytest.mark.parametrize("policy", ["head", "random", "remdm"])
+def test_a_policy_never_sends_back_a_prompt_token_or_a_mask(tiny_model, enc, rule, policy):
+    p = prompts(enc, 4, task="code")
+    policy = {"head": lambda: HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1),
+              "random": lambda: RandomRemask(torch.full((64, len(p)), 3)),
+              "remdm": lambda: ReMDMConf(eta=0.5)}[policy]()
+    sent = []
+    out, _ = generate(tiny_model, p, rule, remask=policy, generator=torch.Generator().manual_seed(0),
+                      on_step=lambda before, x, back: sent.append((before, back)))
+    assert sum(back.sum().item() for _, back in sent) > 0  # the policy did act
+    for before, back in sent:
+        assert not back[:, :p.shape[1]].any() and not (back & (before == enc.mask)).any()
+    assert not (out == enc.mask).any()
+
+
+def test_fixed_schedule_keeps_its_budget_with_the_head_and_never_sends_back_on_a_blocks_last_step(tiny_model, enc):
+    back = []
+    out, passes = generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(8),
+                           remask=HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1),
+                           on_step=lambda before, x, b: back.append(b.sum().item()))
+    assert passes.tolist() == [8, 8] and not (out == enc.mask).any()
+    assert sum(back) > 0 and back[3] == back[7] == 0  # blocks of 16 at 4 steps each
+
+
+def test_the_head_checks_a_row_once_per_check_every_tokens_revealed(tiny_model, enc):
+    trace = []
+    generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(32),
+             remask=HeadRemask(tiny_head(tiny_model), tau=0.0, max_per_check=1, check_every=4),
+             on_step=lambda before, x, b: trace.append((((before == enc.mask) & (x != enc.mask))[0].sum().item(),
+                                                       b[0].any().item())))
+    checks = [i for i, (_, sent) in enumerate(trace) if sent]
+    assert checks[0] == 4  # one token per step: 4 revealed, then the first check
+    for a, b in zip(checks, checks[1:]):
+        assert sum(n for n, _ in trace[a:b]) >= 4  # at least 4 revealed between two checks
+    assert len(checks) >= 5  # and it keeps checking: tau=0 flags every revealed token
+
+
+def test_a_position_is_sent_back_at_most_max_per_position_times(tiny_model, enc):
+    sent = torch.zeros(2, prompts(enc, 2, "code").shape[1] + data.GEN_LEN, dtype=torch.long)
+
+    def count(before, x, back):
+        sent.add_(back.long())
+    generate(tiny_model, prompts(enc, 2, "code"), ConfidenceThreshold(0.5), on_step=count,
+             remask=HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1, max_per_position=1))
+    assert sent.max() == 1
+
+
+@pytest.mark.parametrize("rule", [FixedSchedule(8), ConfidenceThreshold(0.7)])
+@pytest.mark.parametrize("with_head", [False, True])
+def test_greedy_answer_of_a_prompt_does_not_depend_on_its_batch(tiny_model, enc, rule, with_head):
+    remask = HeadRemask(tiny_head(tiny_model), tau=0.3) if with_head else NoRemask()
+    p = prompts(enc, 6)
+    together, passes = generate(tiny_model, p, rule, remask=remask, eos_id=enc.eos)
+    for i in (0, 5):
+        alone, n = generate(tiny_model, p[i:i + 1], rule, remask=remask, eos_id=enc.eos)
+        assert torch.equal(alone[0], together[i]) and n.item() == passes[i].item()
 
 
 def test_problems_are_decoded_in_blocks_by_default(tiny_model, enc):
     states = []
-    decode_problems(tiny_model, enc, data.fixed_problems("math", "test", 3), 8,
-                    on_step=lambda s, x, back: states.append(x[:, -data.GEN_LEN:].clone()))
-    steps_in_last_block = 8 * BLOCK_LEN // data.GEN_LEN
-    before_last_block = states[8 - steps_in_last_block - 1]
-    assert (before_last_block[:, -BLOCK_LEN:] == enc.mask).all()  # fails if decoding ignores the blocks
+    decode_problems(tiny_model, enc, data.fixed_problems("math", "test", 3), FixedSchedule(8),
+                    on_step=lambda before, x, back: states.append(x[:, -data.GEN_LEN:].clone()))
+    assert (states[8 * BLOCK_LEN // data.GEN_LEN - 1][:, -BLOCK_LEN:] == enc.mask).all()
 
 
 def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
-    runs = [generate(tiny_model, prompts(enc), data.GEN_LEN, 8, temperature=1.0,
+    runs = [generate(tiny_model, prompts(enc), FixedSchedule(8), temperature=1.0,
                      generator=torch.Generator().manual_seed(5))[0] for _ in range(2)]
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("steps,block_len", [(0, None), (-1, None), (33, None), (8, 5), (6, 8)])
-def test_bad_steps_or_block_length_are_refused(tiny_model, enc, steps, block_len):
+@pytest.mark.parametrize("rule,block_len", [(FixedSchedule(0), 16), (FixedSchedule(33), 16), (FixedSchedule(8), 5),
+                                            (FixedSchedule(3), 16), (FixedSchedule(8), 0)])
+def test_bad_steps_or_block_length_are_refused(tiny_model, enc, rule, block_len):
     with pytest.raises(ValueError):
-        generate(tiny_model, prompts(enc), data.GEN_LEN, steps, block_len=block_len)
+        generate(tiny_model, prompts(enc), rule, block_len=block_len)
+
+
+@pytest.mark.parametrize("rule", [FixedSchedule(8), ConfidenceThreshold(0.9)])
+@pytest.mark.parametrize("with_head", [False, True])
+def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model, enc, rule, with_head):
+    import torch._dynamo
+
+    remask = HeadRemask(tiny_head(tiny_model), tau=0.0) if with_head else NoRemask()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # what torch.compile hands a backend: one traced graph
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)
+    first = len(graphs)
+    generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)  # again
+    if isinstance(rule, FixedSchedule):
+        generate(tiny_model, prompts(enc), FixedSchedule(4), remask=remask, eos_id=enc.eos,
+                 compile=counting_backend)  # another budget
+    assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
+
+
+# ProSeCo's sampler (proseco.py) on the shared decoder
+
+
+class NeverSettles(torch.nn.Module):
+    """A stand-in model whose argmax is always (input + 1): it has no fixed point."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.calls, self.inputs = config, 0, []
+
+    def forward(self, x, return_hidden=False):
+        self.calls += 1
+        self.inputs.append(x.clone())
+        logits = torch.nn.functional.one_hot((x + 1) % (self.config.vocab_size - 1), self.config.vocab_size).float()
+        return (logits, logits) if return_hidden else logits
+
+
+def test_proseco_makes_a_predictor_pass_on_the_masked_canvas_before_every_reveal(tiny_model, enc):
+    model = CountingModel(tiny_model)
+    before_steps = []
+    out, passes = generate(model, prompts(enc), FixedSchedule(8), corrector=ProSeCoCorrector(max_passes=2),
+                           on_step=lambda before, x, back: before_steps.append(before))
+    predictor_inputs = [x for x in model.inputs if (x == enc.mask).any()]
+    assert len(predictor_inputs) == 8  # one per step: corrector passes see no masks
+    for before, seen in zip(before_steps, predictor_inputs):
+        assert torch.equal(before, seen)  # each step reveals from a fresh pass on its own canvas
+
+
+def test_proseco_corrector_input_keeps_the_committed_tokens(enc, tiny_model):
+    model = NeverSettles(tiny_model.config)
+    p = prompts(enc)
+    generate(model, p, FixedSchedule(4), block_len=32, corrector=ProSeCoCorrector(max_passes=1))
+    predictor, corrector = model.inputs[2], model.inputs[3]  # step 2: its predictor pass, then its corrector pass
+    committed = predictor != enc.mask
+    assert torch.equal(corrector[committed], predictor[committed])
+    assert not (corrector == enc.mask).any()  # masks are filled with the predictor's argmax
+
+
+def test_proseco_reports_every_forward_pass_and_stops_at_s_without_a_fixed_point(enc, tiny_model):
+    model = NeverSettles(tiny_model.config)
+    corrector = ProSeCoCorrector(max_passes=2)
+    out, passes = generate(model, prompts(enc), FixedSchedule(4), block_len=32, corrector=corrector)
+    assert passes.tolist() == [4 + 4 * 2] * 3 == [model.calls] * 3  # 4 predictor passes, 4 loops of S=2
+    assert corrector.passes.tolist() == [8] * 3 and not (out == enc.mask).any()
+
+
+def test_proseco_loop_stops_at_a_fixed_point(tiny_model, enc):
+    model = CountingModel(tiny_model)
+    corrector = ProSeCoCorrector(max_passes=20)
+    generate(model, prompts(enc), FixedSchedule(4), corrector=corrector)
+    assert corrector.passes.max() < 4 * 20  # an untrained model settles before the limit
+
+
+# the command line
 
 
 @pytest.fixture
@@ -75,6 +278,16 @@ def ckpt(tmp_path, tiny_model, enc):
     path = str(tmp_path / "base.pt")
     save_checkpoint(path, model=tiny_model.state_dict(), model_args=vars(tiny_model.config),
                     tokenizer_id=data.tokenizer_id(enc))
+    return path
+
+
+@pytest.fixture
+def head_ckpt(tmp_path, tiny_model, enc):
+    from model import model_fingerprint, save_checkpoint
+    head = tiny_head(tiny_model)
+    path = str(tmp_path / "head.pt")
+    save_checkpoint(path, model=head.state_dict(), model_args=vars(head.config), base_fingerprint=model_fingerprint(
+        tiny_model), tokenizer_id=data.tokenizer_id(enc), remasking=HeadRemask(head, tau=0.0).settings())
     return path
 
 
@@ -93,16 +306,40 @@ def test_cli_names_a_missing_checkpoint_and_the_command_that_makes_it(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--steps", "0"], "--steps must be between 1 and the generation length 32, got 0"),
-    (["--steps", "-3"], "--steps must be between 1 and the generation length 32, got -3"),
-    (["--steps", "64"], "--steps must be between 1 and the generation length 32, got 64"),
-    (["--steps", "8", "--block-len", "5"], "the block length (5) must divide the generation length"),
+    (["--steps", "0"], "--steps must be between 1 and 32"),
+    (["--steps", "-3"], "--steps must be between 1 and 32"),
+    (["--steps", "64"], "--steps must be between 1 and 32"),
+    (["--steps", "8", "--block-len", "5"], "--block-len must divide the generation length 32, got 5"),
+    (["--block-len", "0"], "--block-len must divide the generation length 32, got 0"),
+    (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "1+" * 40], "longer than the 48 the model reads"),
 ])
 def test_cli_bad_input_is_one_clear_line(ckpt, argv, message):
     error = run_cli("--ckpt", ckpt, "--no-head", "--num", "1", *argv)
     assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+@pytest.mark.parametrize("argv", [["--steps", "4", "--threshold", "0.9"], ["--threshold", "nan"], ["--num", "-1"],
+                                  ["--temperature", "-1"], ["--temperature", "inf"]])
+def test_cli_refuses_bad_flags_with_a_usage_error(ckpt, argv):
+    assert run_cli("--ckpt", ckpt, "--no-head", *argv) == "2"  # argparse: usage, one error line, exit 2
+
+
+@pytest.mark.parametrize("rule", [["--steps", "4"], ["--threshold", "0.9"]])
+@pytest.mark.parametrize("head", [True, False])
+def test_cli_runs_every_rule_with_and_without_the_head(ckpt, head_ckpt, capsys, rule, head):
+    assert run_cli("--ckpt", ckpt, "--head", head_ckpt, *([] if head else ["--no-head"]), "--num", "1", "--show",
+                   *rule) is None
+    out = capsys.readouterr().out
+    assert "accuracy" in out and ("using the correction head" in out) == head
+
+
+def test_cli_show_prints_the_token_a_step_sent_back(ckpt, head_ckpt, capsys):
+    run_cli("--ckpt", ckpt, "--head", head_ckpt, "--num", "1", "--task", "math", "--show", "--steps", "8")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    shown = [token for line in lines for token in re.findall(r"\[([^\]]*)\]", line)]
+    assert shown and "_" not in shown  # tau=0: the head sends back at every check, and we see what it sent back
 
 
 def test_cli_decodes_any_text_prompt(ckpt, capsys):
@@ -116,78 +353,3 @@ def test_same_seed_prints_the_same_text(ckpt, capsys):
         run_cli("--ckpt", ckpt, "--no-head", "--num", "2", "--temperature", "1.0", "--seed", "3")
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and "accuracy" in outputs[0]
-
-
-class NeverSettles(torch.nn.Module):
-    """A stand-in model whose argmax is always (input + 1): it has no fixed point."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config, self.calls = config, 0
-
-    def forward(self, x, return_hidden=False):
-        self.calls += 1
-        logits = torch.nn.functional.one_hot((x + 1) % (self.config.vocab_size - 1), self.config.vocab_size).float()
-        return (logits, logits) if return_hidden else logits
-
-
-def half_revealed(tiny_model, enc):
-    x, _ = generate(tiny_model, prompts(enc), data.GEN_LEN, 4)
-    x[:, -data.GEN_LEN::2] = enc.mask  # every other response token masked again
-    return x, tiny_model(x)
-
-
-def test_corrector_loop_stops_at_a_fixed_point_and_writes_back_only_revealed_tokens(tiny_model, enc):
-    from sample import correct
-    x, logits = half_revealed(tiny_model, enc)
-    is_response = torch.arange(x.shape[1]) >= x.shape[1] - data.GEN_LEN
-    model = CountingModel(tiny_model)
-    out, (last_logits, _), passes = correct(model, x, logits, is_response, max_steps=20)
-    assert passes == model.calls < 20  # it settled before the limit
-    revealed = (x != enc.mask) & is_response
-    assert torch.equal(last_logits.argmax(-1)[revealed], out[revealed])  # a fixed point: one more pass changes nothing
-    assert torch.equal(out[~revealed], x[~revealed])  # masks and prompt untouched
-
-
-def test_corrector_loop_without_a_fixed_point_stops_after_S_passes(tiny_model, enc):
-    from sample import correct
-    x, logits = half_revealed(tiny_model, enc)
-    model = NeverSettles(tiny_model.config)
-    _, _, passes = correct(model, x, logits, torch.arange(x.shape[1]) >= x.shape[1] - data.GEN_LEN, max_steps=3)
-    assert passes == model.calls == 3
-
-
-def test_proseco_sampling_reports_every_forward_pass(enc, tiny_model):
-    model = NeverSettles(tiny_model.config)  # every corrector loop runs its full S passes
-    out, passes = generate(model, prompts(enc), data.GEN_LEN, 4, corrector_steps=2)
-    assert passes == model.calls == 4 + 3 * 2 - 3  # 4 steps, 3 loops of 2; each loop's last pass serves the next step
-    assert not (out == enc.mask).any()
-
-
-@pytest.mark.parametrize("with_head", [False, True])
-def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model, enc, with_head):
-    import torch._dynamo
-
-    from corrector import CorrectionHead, HeadConfig
-
-    head = CorrectionHead(HeadConfig(n_embd_in=32, width=16, tau=0.0)).eval() if with_head else None
-    graphs = []
-
-    def counting_backend(gm, example_inputs):  # what torch.compile hands a backend: one traced graph
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, head=head, compile=counting_backend)
-    first = len(graphs)
-    generate(tiny_model, prompts(enc), data.GEN_LEN, 8, head=head, compile=counting_backend)  # again, same shapes
-    generate(tiny_model, prompts(enc), data.GEN_LEN, 4, head=head, compile=counting_backend)  # another budget
-    assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
-
-
-def test_review_passes_reveal_no_new_token(tiny_model, enc):
-    masks_left = []
-    _, passes = generate(tiny_model, prompts(enc), data.GEN_LEN, 8, review=2,
-                         on_step=lambda s, x, back: masks_left.append((x == enc.mask).sum().item()))
-    assert passes == 8 and masks_left[5] == 0  # every token is out after pass 6 of 8; 7 and 8 only refill
-    assert masks_left[4] > 0

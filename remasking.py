@@ -1,0 +1,145 @@
+"""
+Remasking policies: which revealed tokens a decoding step sends back to be
+predicted again (the second of the decoder's two questions; the first, how many
+masked tokens to reveal, is sample.py's reveal rule).
+
+    NoRemask      LLaDA: a revealed token is final
+    HeadRemask    DSC (METHOD.md section 3): the correction head's P(wrong) above
+                  tau, at most K per check, a check once per check_every tokens
+                  revealed, skipping a FIFO of recent send-backs
+    RandomRemask  the control: as many tokens as a recorded run sent back, step
+                  by step, chosen at random
+    ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the tokens
+                  revealed with low confidence go back most often
+
+A policy is settings plus functions of tensors. Its state (a dict of tensors,
+one row per canvas) goes in and out of every step, so the step stays one
+compiled graph and a policy object can be reused for any number of decodes:
+    start(x)                                  -> state
+    send_back(state, revealed, hidden, gen)   -> (bool (B, T), state)
+    after_reveal(state, revealed_now, conf)   -> state
+`revealed` holds the positions a policy may send back this step: revealed
+response tokens of rows still decoding, never the prompt, never a mask.
+"""
+
+import torch
+
+from model import most_confident
+
+
+class NoRemask:
+    """LLaDA's sampler: nothing is ever sent back."""
+
+    uses_hidden = False
+
+    def start(self, x):
+        return {}
+
+    def send_back(self, state, revealed, hidden, generator=None):
+        return torch.zeros_like(revealed), state
+
+    def after_reveal(self, state, revealed_now, confidence):
+        return state
+
+    def __str__(self):
+        return "none"
+
+
+class HeadRemask(NoRemask):
+    """DSC's adaptive remasking with a trained CorrectionHead (corrector.py).
+
+    Every check_every tokens revealed in a row (counted per row, so the cadence is
+    the same at any number of tokens per step), the head scores the row's revealed
+    tokens on the pre-reveal canvas of this step's forward pass (no extra base
+    pass), and up to max_per_check with P(wrong) > tau go back, most likely wrong
+    first. A position sent back in the row's last fifo_len send-backs is skipped
+    (the FIFO), and none goes back more than max_per_position times: without that
+    cap a token the head distrusts and the model keeps re-predicting loops."""
+
+    uses_hidden = True
+
+    def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=None):
+        self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
+        self.check_every, self.max_per_position = check_every, max_per_position
+
+    def start(self, x):
+        rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return {"stamps": torch.zeros_like(x), "times_sent": torch.zeros_like(x), "since_check": rows}
+
+    def send_back(self, state, revealed, hidden, generator=None):
+        p_wrong = torch.sigmoid(self.head(hidden).float())
+        due = state["since_check"] >= self.check_every
+        eligible = revealed & due[:, None] & (p_wrong > self.tau)
+        if self.max_per_position is not None:
+            eligible &= state["times_sent"] < self.max_per_position
+        chosen, stamps = remask(p_wrong, eligible, state["stamps"], self.max_per_check, self.fifo_len)
+        return chosen, {"stamps": stamps, "times_sent": state["times_sent"] + chosen.long(),
+                        "since_check": torch.where(due, 0, state["since_check"])}
+
+    def after_reveal(self, state, revealed_now, confidence):
+        return {**state, "since_check": state["since_check"] + revealed_now.sum(1)}
+
+    def settings(self):
+        """What a checkpoint or a report needs to rebuild this policy around a head."""
+        return {"tau": self.tau, "max_per_check": self.max_per_check, "fifo_len": self.fifo_len,
+                "check_every": self.check_every, "max_per_position": self.max_per_position}
+
+    def __str__(self):
+        return "head(" + ", ".join(f"{k}={v}" for k, v in self.settings().items()) + ")"
+
+
+def remask(p_wrong, eligible, stamps, max_per_check, fifo_len):
+    """DSC's rule on one check: up to max_per_check eligible tokens per row, most likely
+    wrong first, skipping the fifo_len positions the row sent back most recently.
+    `stamps` (B, T) is the FIFO: 0 = never sent back, n = the row's n-th send-back.
+    Returns (chosen (B, T) bool, updated stamps)."""
+    count = stamps.max(dim=1).values  # send-backs so far, per row
+    recent = (stamps > 0) & (stamps > count[:, None] - fifo_len)
+    chosen = most_confident(p_wrong, eligible & ~recent, torch.full_like(count, max_per_check))
+    stamps = torch.where(chosen, count[:, None] + chosen.long().cumsum(dim=1), stamps)
+    return chosen, stamps
+
+
+class RandomRemask(NoRemask):
+    """The control for a head: at the i-th step, counts[i, b] revealed tokens of row b
+    go back, chosen uniformly at random. counts (steps, B) is recorded from a run with
+    the head on the same problems (sample.generate's on_step); steps past the end send
+    nothing back."""
+
+    def __init__(self, counts):
+        self.counts = torch.cat([counts, torch.zeros_like(counts[:1])])  # the extra row: nothing, forever after
+
+    def start(self, x):
+        return {"step": torch.zeros((), dtype=torch.long, device=x.device)}
+
+    def send_back(self, state, revealed, hidden, generator=None):
+        step = state["step"].clamp(max=len(self.counts) - 1)
+        u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
+        return most_confident(u, revealed, self.counts[step].to(revealed.device)), {"step": state["step"] + 1}
+
+    def __str__(self):
+        return "random"
+
+
+class ReMDMConf(NoRemask):
+    """ReMDM-conf: each revealed token goes back with probability
+    eta * n_revealed * softmax(-its confidence at reveal), so about eta * n_revealed
+    tokens per step, those revealed with the least confidence most often."""
+
+    def __init__(self, eta=0.05):
+        self.eta = eta
+
+    def start(self, x):
+        return {"revealed_with": torch.zeros(x.shape, dtype=torch.float64, device=x.device)}
+
+    def send_back(self, state, revealed, hidden, generator=None):
+        weight = torch.where(revealed, -state["revealed_with"], float("-inf")).softmax(dim=1).nan_to_num(0.0)
+        p = (self.eta * revealed.sum(1, keepdim=True) * weight).clamp(max=1.0)
+        u = torch.rand(p.shape, dtype=p.dtype, device=p.device, generator=generator)
+        return (u < p) & revealed, state
+
+    def after_reveal(self, state, revealed_now, confidence):
+        return {"revealed_with": torch.where(revealed_now, confidence, state["revealed_with"])}
+
+    def __str__(self):
+        return f"remdm(eta={self.eta})"
