@@ -37,7 +37,7 @@ from corrector import load_head
 from model import CheckpointError, load_model, model_fingerprint, pick_device
 from proseco import ProSeCoCorrector
 from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
-from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, check_blocks, decode_problems, positive
+from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, decode_problems, positive
 
 NEAR = 0.02  # "within 2 points" of the base at one token per step
 
@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--num", type=positive(int), default=150, help="problems per task")
     parser.add_argument("--tokens-per-step", default="1,2,4,8", help="fixed-schedule points")
     parser.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99", help="confidence-threshold points")
+    parser.add_argument("--rollback", default="", help="DSC's rollback schedule at these tokens per step (e.g. 2,4,8)")
     parser.add_argument("--block-len", type=int, default=BLOCK_LEN,
                         help=f"semi-autoregressive block length; {data.GEN_LEN} = one block")
     parser.add_argument("--out", default="out/eval.json", help="where the JSON results go")
@@ -99,6 +100,7 @@ def main(argv=None):
         check_blocks(data.GEN_LEN, args.block_len)
         rules = [("fixed", k, FixedSchedule(data.GEN_LEN // k)) for k in parse_list(args.tokens_per_step, int)]
         rules += [("threshold", tau, ConfidenceThreshold(tau)) for tau in parse_list(args.thresholds, float)]
+        rules += [("rollback", k, Rollback(k)) for k in parse_list(args.rollback, int)]
         for kind, k, rule in rules:
             if kind == "fixed" and data.GEN_LEN % k:
                 raise ValueError(f"tokens per step must divide {data.GEN_LEN}, got {k}")
@@ -156,7 +158,7 @@ def main(argv=None):
                 if name == "dsc":
                     dsc_counts = counts
                 right = data.score(problems, responses)
-                rows.append({"task": task, "rule": kind, **{("tokens_per_step" if kind == "fixed" else "threshold"):
+                rows.append({"task": task, "rule": kind, **{("threshold" if kind == "threshold" else "tokens_per_step"):
                                                             setting},
                              "decoder": name, "accuracy": sum(right) / len(problems),
                              "mean_passes": sum(passes) / len(problems), "ms_per_problem": 1000 * seconds / len(problems),
@@ -213,7 +215,8 @@ def print_tables(rows, args):
         for key in dict.fromkeys((r["rule"], r.get("tokens_per_step", r.get("threshold"))) for r in rows):
             cells = {r["decoder"]: f"{r['accuracy']:.1%} @ {r['mean_passes']:.1f}" for r in rows
                      if r["task"] == task and (r["rule"], r.get("tokens_per_step", r.get("threshold"))) == key}
-            label = f"{key[1]} tokens/step" if key[0] == "fixed" else f"threshold {key[1]}"
+            label = {"fixed": f"{key[1]} tokens/step", "threshold": f"threshold {key[1]}",
+                     "rollback": f"rollback, {key[1]} tokens/step"}[key[0]]
             print(f"| {label} | " + " | ".join(cells.get(d, "") for d in decoders) + " |")
     best = summary(rows)
     print(f"\nfewest mean passes within {NEAR:.0%} of the base at one token per step ('never': no point reaches it)\n")
@@ -249,7 +252,8 @@ def step_time(base, head, enc, batch_size, repeats=30):
 
 def plot(rows, path):
     """Accuracy against mean passes: a solid line per decoder over the threshold sweep,
-    a dashed one over the fixed schedule, a grey band at the base's one-token accuracy."""
+    a dashed one over the fixed schedule (dotted: rollback), a grey band 2 points under
+    the base's one-token accuracy."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -262,7 +266,7 @@ def plot(rows, path):
     colors = dict(zip(decoders, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, task in zip(axes, data.TASKS):
         for d in decoders:
-            for kind, style in (("threshold", "-o"), ("fixed", "--s")):
+            for kind, style in (("threshold", "-o"), ("fixed", "--s"), ("rollback", ":^")):
                 pts = sorted((r["mean_passes"], r["accuracy"]) for r in rows
                              if r["task"] == task and r["decoder"] == d and r["rule"] == kind)
                 if pts:

@@ -5,9 +5,10 @@ Decoding (METHOD.md sections 2, 3 and 5) starts from prompt + GEN_LEN masks and
 fills them in blocks of BLOCK_LEN, left to right. Each step is one forward pass
 that answers two questions:
   how many masked tokens to reveal   a reveal rule, here: FixedSchedule (`steps`
-                                     passes per answer, LLaDA) or
+                                     passes per answer, LLaDA),
                                      ConfidenceThreshold (every position the
-                                     model is sure of, Fast-dLLM)
+                                     model is sure of, Fast-dLLM) or Rollback
+                                     (k per step, send-backs add steps: DSC)
   which revealed tokens to send back a remasking policy, remasking.py: none, the
                                      DSC head, the random control, ReMDM
 Any rule goes with any policy. Rows stop costing passes once their answer has
@@ -82,6 +83,28 @@ class ConfidenceThreshold:
         return f"threshold {self.threshold}"
 
 
+class Rollback:
+    """DSC's schedule as the paper runs it: k tokens revealed per step, whatever is
+    sent back, so every token sent back adds its share of a step (time rolls back).
+    A block gets at most twice the steps it needs without send-backs; the last of
+    them reveals whatever is still masked."""
+
+    def __init__(self, tokens_per_step):
+        self.k = tokens_per_step
+
+    def steps_per_block(self, gen_len, block_len):
+        if not 0 < self.k <= block_len or block_len % self.k:
+            raise ValueError(f"--rollback tokens per step must divide the block length {block_len}, got {self.k}")
+        return 2 * block_len // self.k
+
+    def reveal(self, confidence, masked, owed, steps_left):
+        k = torch.where(steps_left <= 1, masked.sum(1), torch.full_like(owed, self.k))
+        return most_confident(confidence, masked, k)
+
+    def __str__(self):
+        return f"rollback at {self.k} tokens/step"
+
+
 def check_blocks(gen_len, block_len):
     if not 0 < block_len <= gen_len or gen_len % block_len:
         raise ValueError(f"--block-len must divide the generation length {gen_len}, got {block_len}")
@@ -114,44 +137,46 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     for block_end in range(P + block_len, P + gen_len + 1, block_len):
         open_ = (pos >= P) & (pos < block_end)  # this block, and earlier positions sent back
         for s in range(max_steps):
-            active = ((x == mask_id) & open_).any(1)
+            # a row works on while its block has masks, and once its whole answer is in, for one last
+            # check by a policy that has not yet seen its newest tokens (remask.pending)
+            complete = ~(x[:, P:] == mask_id).any(1) & remask.pending(state) & (steps_left[s] > 1)
+            active = ((x == mask_id) & open_).any(1) | complete
             if not active.any():  # the one host sync per step: every row has filled this block
                 break
             passes += active
             before = x
             if corrector is None:
-                x, state, sent_back = step_fn(model, x, open_, steps_left[s], state, reveal, remask, P, eos_id,
-                                              temperature, generator)
+                x, state, sent_back = step_fn(model, x, open_, active, steps_left[s], state, reveal, remask, P,
+                                              eos_id, temperature, generator)
             else:
                 logits, hidden = model(x, return_hidden=True)
                 if corrector.due(s, last_step=s == max_steps - 1):
                     x, logits, hidden = corrector(model, x, logits, hidden, open_, active)
-                x, state, sent_back = advance(x, logits, hidden, open_, steps_left[s], state, reveal, remask, P,
-                                              mask_id, eos_id, temperature, generator)
+                x, state, sent_back = advance(x, logits, hidden, open_, active, steps_left[s], state, reveal, remask,
+                                              P, mask_id, eos_id, temperature, generator)
             if on_step is not None:
                 on_step(before, x, sent_back)
     return x, passes if corrector is None else passes + corrector.passes
 
 
-def decode_step(model, x, open_, steps_left, state, reveal, remask, prompt_len, eos_id=None, temperature=0.0,
+def decode_step(model, x, open_, active, steps_left, state, reveal, remask, prompt_len, eos_id=None, temperature=0.0,
                 generator=None):
     """One decoding step over the batch, no host sync: a forward pass, the policy's
     send-backs among the revealed tokens (never on a block's last step, where nothing
-    could refill them), the rule's reveals among the masked ones. Rows with nothing
-    masked in the block do not change. Returns (x, policy state, sent_back)."""
+    could refill them), the rule's reveals among the masked ones. Rows not `active`
+    do not change. Returns (x, policy state, sent_back)."""
     logits, hidden = model(x, return_hidden=True)
-    return advance(x, logits, hidden, open_, steps_left, state, reveal, remask, prompt_len, model.config.mask_id,
-                   eos_id, temperature, generator)
+    return advance(x, logits, hidden, open_, active, steps_left, state, reveal, remask, prompt_len,
+                   model.config.mask_id, eos_id, temperature, generator)
 
 
-def advance(x, logits, hidden, open_, steps_left, state, reveal, remask, prompt_len, mask_id, eos_id=None,
+def advance(x, logits, hidden, open_, active, steps_left, state, reveal, remask, prompt_len, mask_id, eos_id=None,
             temperature=0.0, generator=None):
     """decode_step after its forward pass, given that pass's logits and hidden states."""
     x0, confidence = propose(logits, temperature, generator)
     masked = (x == mask_id) & open_
-    active = masked.any(1, keepdim=True)
-    revealed = (x != mask_id) & open_ & active & (steps_left > 1)
-    sent_back, state = remask.send_back(state, revealed, hidden, generator)
+    revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 1)
+    sent_back, state = remask.send_back(state, revealed, active & ~masked.any(1), hidden, generator)
     reveal_now = reveal.reveal(confidence, masked, masked.sum(1) + sent_back.sum(1), steps_left)
     state = remask.after_reveal(state, reveal_now, confidence)
     x = torch.where(sent_back, mask_id, torch.where(reveal_now, x0, x))
@@ -233,6 +258,8 @@ def main(argv=None):
                       help=f"fixed schedule: forward passes per response of {data.GEN_LEN} tokens (default 8)")
     rule.add_argument("--threshold", type=positive(float), default=None,
                       help="adaptive: reveal every masked token of the block whose confidence is above this")
+    rule.add_argument("--rollback", type=positive(int), default=None,
+                      help="DSC's rollback: this many tokens per step; each token sent back adds its share of a step")
     parser.add_argument("--block-len", type=int, default=BLOCK_LEN,
                         help=f"semi-autoregressive block length; {data.GEN_LEN} = one block")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples with Gumbel noise")
@@ -251,6 +278,7 @@ def main(argv=None):
     enc = data.get_tokenizer()
     try:
         reveal = (ConfidenceThreshold(args.threshold) if args.threshold is not None
+                  else Rollback(args.rollback) if args.rollback is not None
                   else FixedSchedule(8 if args.steps is None else args.steps))
         check_blocks(data.GEN_LEN, args.block_len)
         reveal.steps_per_block(data.GEN_LEN, args.block_len)

@@ -7,7 +7,7 @@ import data
 from corrector import CorrectionHead, HeadConfig
 from proseco import ProSeCoCorrector
 from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
-from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, decode_problems, end_answers, generate
+from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
 
 
 class CountingModel(torch.nn.Module):
@@ -151,6 +151,16 @@ def test_the_head_checks_a_row_once_per_check_every_tokens_revealed(tiny_model, 
     for a, b in zip(checks, checks[1:]):
         assert sum(n for n, _ in trace[a:b]) >= 4  # at least 4 revealed between two checks
     assert len(checks) >= 5  # and it keeps checking: tau=0 flags every revealed token
+
+
+def test_rollback_keeps_k_per_step_so_send_backs_add_passes(tiny_model, enc):
+    p = prompts(enc, 2, "code")
+    plain, passes = generate(tiny_model, p, Rollback(4))
+    assert passes.tolist() == [8, 8] and torch.equal(plain, generate(tiny_model, p, FixedSchedule(8))[0])
+    back = []
+    out, passes = generate(tiny_model, p, Rollback(4), remask=HeadRemask(tiny_head(tiny_model), tau=0.0),
+                           on_step=lambda before, x, b: back.append(b.sum().item()))
+    assert sum(back) > 0 and (passes > 8).all() and (passes <= 16).all() and not (out == enc.mask).any()
 
 
 def test_a_position_is_sent_back_at_most_max_per_position_times(tiny_model, enc):
@@ -326,7 +336,7 @@ def test_cli_refuses_bad_flags_with_a_usage_error(ckpt, argv):
     assert run_cli("--ckpt", ckpt, "--no-head", *argv) == "2"  # argparse: usage, one error line, exit 2
 
 
-@pytest.mark.parametrize("rule", [["--steps", "4"], ["--threshold", "0.9"]])
+@pytest.mark.parametrize("rule", [["--steps", "4"], ["--threshold", "0.9"], ["--rollback", "4"]])
 @pytest.mark.parametrize("head", [True, False])
 def test_cli_runs_every_rule_with_and_without_the_head(ckpt, head_ckpt, capsys, rule, head):
     assert run_cli("--ckpt", ckpt, "--head", head_ckpt, *([] if head else ["--no-head"]), "--num", "1", "--show",
