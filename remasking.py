@@ -15,14 +15,11 @@ masked tokens to reveal, is sample.py's reveal rule).
 A policy is settings plus functions of tensors. Its state (a dict of tensors,
 one row per canvas) goes in and out of every step, so the step stays one
 compiled graph and a policy object can be reused for any number of decodes:
-    start(x)                                         -> state
-    send_back(state, revealed, final, hidden, gen)   -> (bool (B, T), state)
-    after_reveal(state, revealed_now, confidence)    -> state
-    pending(state)                                   -> bool (B,)
+    start(x)                                      -> state
+    send_back(state, revealed, hidden, gen)       -> (bool (B, T), state)
+    after_reveal(state, revealed_now, confidence) -> state
 `revealed` holds the positions a policy may send back this step: revealed
-response tokens of rows still decoding, never the prompt, never a mask. A row
-whose answer is complete gets one more pass while `pending` says the policy
-has not yet judged its newest tokens; `final` marks the rows on that pass.
+response tokens of rows still decoding, never the prompt, never a mask.
 """
 
 import torch
@@ -38,14 +35,11 @@ class NoRemask:
     def start(self, x):
         return {}
 
-    def send_back(self, state, revealed, final, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, generator=None):
         return torch.zeros_like(revealed), state
 
     def after_reveal(self, state, revealed_now, confidence):
         return state
-
-    def pending(self, state):
-        return False
 
     def __str__(self):
         return "none"
@@ -60,13 +54,12 @@ class HeadRemask(NoRemask):
     pass), and up to max_per_check with P(wrong) > tau go back, most likely wrong
     first. A position sent back in the row's last fifo_len send-backs is skipped
     (the FIFO), and none goes back more than max_per_position times: without that
-    cap a token the head distrusts and the model keeps re-predicting loops. A
-    complete answer is checked once more if tokens came since the last check:
-    otherwise the last tokens of an answer, revealed with its EOS, go unjudged."""
+    cap a token the head distrusts and the model keeps re-predicting loops, and
+    under the threshold rule every send-back costs passes."""
 
     uses_hidden = True
 
-    def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=None):
+    def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=1):
         self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
         self.check_every, self.max_per_position = check_every, max_per_position
 
@@ -74,9 +67,9 @@ class HeadRemask(NoRemask):
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return {"stamps": torch.zeros_like(x), "times_sent": torch.zeros_like(x), "since_check": rows}
 
-    def send_back(self, state, revealed, final, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, generator=None):
         p_wrong = torch.sigmoid(self.head(hidden).float())
-        due = (state["since_check"] >= self.check_every) | final
+        due = state["since_check"] >= self.check_every
         eligible = revealed & due[:, None] & (p_wrong > self.tau)
         if self.max_per_position is not None:
             eligible &= state["times_sent"] < self.max_per_position
@@ -86,9 +79,6 @@ class HeadRemask(NoRemask):
 
     def after_reveal(self, state, revealed_now, confidence):
         return {**state, "since_check": state["since_check"] + revealed_now.sum(1)}
-
-    def pending(self, state):
-        return state["since_check"] > 0
 
     def settings(self):
         """What a checkpoint or a report needs to rebuild this policy around a head."""
@@ -123,7 +113,7 @@ class RandomRemask(NoRemask):
     def start(self, x):
         return {"step": torch.zeros((), dtype=torch.long, device=x.device)}
 
-    def send_back(self, state, revealed, final, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, generator=None):
         step = state["step"].clamp(max=len(self.counts) - 1)
         u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
         return most_confident(u, revealed, self.counts[step].to(revealed.device)), {"step": state["step"] + 1}
@@ -143,7 +133,7 @@ class ReMDMConf(NoRemask):
     def start(self, x):
         return {"revealed_with": torch.zeros(x.shape, dtype=torch.float64, device=x.device)}
 
-    def send_back(self, state, revealed, final, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, generator=None):
         weight = torch.where(revealed, -state["revealed_with"], float("-inf")).softmax(dim=1).nan_to_num(0.0)
         p = (self.eta * revealed.sum(1, keepdim=True) * weight).clamp(max=1.0)
         u = torch.rand(p.shape, dtype=p.dtype, device=p.device, generator=generator)

@@ -137,10 +137,7 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     for block_end in range(P + block_len, P + gen_len + 1, block_len):
         open_ = (pos >= P) & (pos < block_end)  # this block, and earlier positions sent back
         for s in range(max_steps):
-            # a row works on while its block has masks, and once its whole answer is in, for one last
-            # check by a policy that has not yet seen its newest tokens (remask.pending)
-            complete = ~(x[:, P:] == mask_id).any(1) & remask.pending(state) & (steps_left[s] > 1)
-            active = ((x == mask_id) & open_).any(1) | complete
+            active = ((x == mask_id) & open_).any(1)  # a row works while its block has masks
             if not active.any():  # the one host sync per step: every row has filled this block
                 break
             passes += active
@@ -176,7 +173,7 @@ def advance(x, logits, hidden, open_, active, steps_left, state, reveal, remask,
     x0, confidence = propose(logits, temperature, generator)
     masked = (x == mask_id) & open_
     revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 1)
-    sent_back, state = remask.send_back(state, revealed, active & ~masked.any(1), hidden, generator)
+    sent_back, state = remask.send_back(state, revealed, hidden, generator)
     reveal_now = reveal.reveal(confidence, masked, masked.sum(1) + sent_back.sum(1), steps_left)
     state = remask.after_reveal(state, reveal_now, confidence)
     x = torch.where(sent_back, mask_id, torch.where(reveal_now, x0, x))

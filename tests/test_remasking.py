@@ -19,8 +19,8 @@ def test_random_control_replays_the_recorded_counts_then_sends_back_nothing():
     revealed = torch.rand(4, 20) < 0.5
     policy = RandomRemask(torch.tensor([[0, 1, 2, 3]]))
     state = policy.start(torch.zeros(4, 20, dtype=torch.long))
-    chosen, state = policy.send_back(state, revealed, torch.zeros(4, dtype=torch.bool), None)
+    chosen, state = policy.send_back(state, revealed, None)
     assert (chosen & ~revealed).sum() == 0
     assert chosen.sum(1).tolist() == [min(c, r) for c, r in zip([0, 1, 2, 3], revealed.sum(1).tolist())]
-    chosen, state = policy.send_back(state, revealed, torch.zeros(4, dtype=torch.bool), None)
+    chosen, state = policy.send_back(state, revealed, None)
     assert not chosen.any()  # past the recorded steps
