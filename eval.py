@@ -46,8 +46,8 @@ def run(model, enc, problems, reveal, block_len, **kwargs):
     """Decode problems in one batch; returns responses, passes per problem, seconds, send-backs (steps, B)."""
     counts = []
     if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
-        decode_problems(model, enc, problems, reveal, batch_size=len(problems), block_len=block_len,
-                        **{**kwargs, "generator": None})
+        warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
+        decode_problems(model, enc, problems, reveal, batch_size=len(problems), block_len=block_len, **warm)
     t0 = time.perf_counter()
     responses, passes = decode_problems(model, enc, problems, reveal, batch_size=len(problems), block_len=block_len,
                                         on_step=lambda before, x, back: counts.append(back.sum(1)), **kwargs)
@@ -279,6 +279,7 @@ def plot(rows, path):
         ax.set(title=f"{task}: solid = threshold, dashed = fixed tokens/step", xlabel="mean forward passes per answer",
                ylabel="accuracy", xscale="log")
         ax.set_xticks([2, 4, 8, 16, 32], labels=["2", "4", "8", "16", "32"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

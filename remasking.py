@@ -62,6 +62,7 @@ class HeadRemask(NoRemask):
     def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=1):
         self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
         self.check_every, self.max_per_position = check_every, max_per_position
+        self.bar = torch.tensor(tau)  # a tensor: a compiled step serves every tau
 
     def start(self, x):
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -70,7 +71,7 @@ class HeadRemask(NoRemask):
     def send_back(self, state, revealed, hidden, generator=None):
         p_wrong = torch.sigmoid(self.head(hidden).float())
         due = state["since_check"] >= self.check_every
-        eligible = revealed & due[:, None] & (p_wrong > self.tau)
+        eligible = revealed & due[:, None] & (p_wrong > self.bar)
         if self.max_per_position is not None:
             eligible &= state["times_sent"] < self.max_per_position
         chosen, stamps = remask(p_wrong, eligible, state["stamps"], self.max_per_check, self.fifo_len)

@@ -71,13 +71,14 @@ class ConfidenceThreshold:
         if not 0 < threshold <= 1:
             raise ValueError(f"--threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
+        self.bar = torch.tensor(threshold, dtype=torch.float64)  # a tensor: a compiled step serves every threshold
 
     def steps_per_block(self, gen_len, block_len):
         return block_len
 
     def reveal(self, confidence, masked, owed, steps_left):
         surest = most_confident(confidence, masked, torch.ones_like(owed))
-        return surest | (masked & ((confidence > self.threshold) | (steps_left <= 1)))
+        return surest | (masked & ((confidence > self.bar) | (steps_left <= 1)))
 
     def __str__(self):
         return f"threshold {self.threshold}"

@@ -220,9 +220,10 @@ def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model
     generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)
     first = len(graphs)
     generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)  # again
-    if isinstance(rule, FixedSchedule):
-        generate(tiny_model, prompts(enc), FixedSchedule(4), remask=remask, eos_id=enc.eos,
-                 compile=counting_backend)  # another budget
+    other_rule = FixedSchedule(4) if isinstance(rule, FixedSchedule) else ConfidenceThreshold(0.5)
+    other_remask = HeadRemask(remask.head, tau=0.7) if with_head else remask
+    generate(tiny_model, prompts(enc), other_rule, remask=other_remask, eos_id=enc.eos,
+             compile=counting_backend)  # another budget or threshold, another tau
     assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
 
 
