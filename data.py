@@ -5,10 +5,12 @@ Two task families, each generated from a seed and each with a verifier:
   math: multi-step arithmetic with a worked solution, e.g. "(3+4)*7=" ->
         "3+4=07,07*7=49" or "3*7=21,4*7=28,21+28=49", and "2*3+4*5=" as a
         list of steps "2*3=06,4*5=20,06+20=26" or the prompt's equation
-        continued "06+20=26". Score: final answer.
+        continued "06+20=26". Score: final answer (GSM8K's metric), or strict:
+        the final answer and every equation written true.
   code: small Python function synthesis, e.g. "sum of x*3 for x in xs if x>5"
         -> a generator expression, a list comprehension or a loop.
-        Score: pass@1 on hidden unit tests, run in a sandbox.
+        Score: pass@1 on hidden unit tests that meet and miss every condition,
+        run in sandbox.py; the values f returns are judged here.
 
 Every prompt has several valid responses (free step order, equivalent forms
 of different lengths):
@@ -26,24 +28,21 @@ so math rows do not pay for 32 columns of padding (measured: 0.65 s against 1.03
 per training step of the default runs); two static shapes serve everything.
 """
 
+import ast
 import hashlib
 import itertools
 import json
-import os
 import random
 import re
-import resource
-import signal
-import subprocess
-import sys
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import tiktoken
 import torch
+
+import sandbox
 
 PROMPT_WIDTHS, GEN_LEN = (16, 48), 32  # prompt columns: the narrowest that holds the prompt is used
 PROMPT_LEN = PROMPT_WIDTHS[-1]  # the longest prompt the model reads
@@ -138,6 +137,40 @@ def math_correct(problem, response):
     return final.isdigit() and int(final) == problem.answer
 
 
+def math_strict_correct(problem, response):
+    """The final answer right and every equation written true. A response without a
+    comma continues the prompt's equation (3+4+5= 07+5=12); a list's steps each stand
+    alone (3+4=07,07*5=35). `05+==09` for 2+4+3= and `3*4=16,...` fail."""
+    equations = response.split(",") if "," in response else [problem.prompt + response]
+    return math_correct(problem, response) and all(_equation_holds(e) for e in equations)
+
+
+def _equation_holds(text):
+    sides = [_arithmetic(side) for side in text.split("=")]
+    return len(sides) >= 2 and None not in sides and len(set(sides)) == 1
+
+
+def _arithmetic(text):
+    """The value of a sum or product of numbers (leading zeros allowed), with brackets;
+    None if it is anything else."""
+    if not re.fullmatch(r"[\d+*()]+", text):
+        return None
+    try:  # int("07"): Python's own parser refuses leading zeros
+        node = ast.parse(re.sub(r"\d+", lambda m: str(int(m.group())), text), mode="eval").body
+    except SyntaxError:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = value(node.left), value(node.right)
+            if a is not None and b is not None:
+                return a + b if isinstance(node.op, ast.Add) else a * b
+        return None
+    return value(node)
+
+
 # -----------------------------------------------------------------------------
 # code: one-line specs over a list, solved by a builtin, a comprehension or a loop
 
@@ -175,84 +208,43 @@ def code_problem(rng, level=2):
     prompt = (f"def f(xs):\n    # {spec}\n    # f({json.dumps(example, separators=(',', ':'))})=="
               f"{json.dumps(result(example), separators=(',', ':'))}\n")
     trng = random.Random(spec)  # hidden tests depend only on the spec
-    tests = [[]] + [[trng.randint(0, 9) for _ in range(trng.randint(3, 7))] for _ in range(4)]
+    # values beyond 0-9 and below 0, and k-1, k, k+1: every condition is both met and missed
+    tests = [[]] + [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
+    tests.append([kc - 1, kc, kc + 1, 10 + kc, -kc])
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]
     return Problem("code", prompt, bodies, [(t, result(t)) for t in tests], spec)
 
 
-# The sandbox: generated code runs in a separate Python process, in an empty
-# temporary directory with an empty environment, under CPU, memory,
-# file-size and process limits and a wall-clock timeout; an audit hook refuses
-# files opened for writing, deletions, processes and sockets, and the process
-# group is killed at the end so nothing it started survives.
-_RUNNER = r"""
-import io, json, sys
-source, tests = json.loads(sys.stdin.read())
-out = sys.stdout
-BLOCKED = ("os.system", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.kill",
-           "os.remove", "os.unlink", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.link",
-           "os.symlink", "os.mkdir", "shutil.rmtree", "subprocess.Popen", "socket.", "ctypes.", "pty.")
-def guard(event, args):
-    if event.startswith(BLOCKED) or (event == "open" and (any(m in str(args[1]) for m in "wax+") or args[2] & 3)):
-        raise PermissionError("sandbox: " + event)
-sys.addaudithook(guard)
-sys.stdout = sys.stderr = io.StringIO()
-passed = 0
-try:
-    scope = {}
-    exec(compile(source, "<generated>", "exec"), scope)
-    passed = sum(scope["f"](list(xs)) == want for xs, want in tests)
-except BaseException:
-    pass
-out.write(json.dumps(passed))
-"""
-
-
-def _limit_child():
-    resource.setrlimit(resource.RLIMIT_CPU, (2, 2))
-    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (8, 8))  # not enforced for root: the audit hook is
-
-
-def run_sandboxed(source, tests, timeout=5.0):
-    """Number of (input, expected) tests that `source`'s f passes; 0 on any failure."""
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RUNNER], cwd=tmp, env={},
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                preexec_fn=_limit_child, start_new_session=True)
-        try:
-            out, _ = proc.communicate(json.dumps([source, tests]).encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            out = b""
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever it started dies with it
-            except ProcessLookupError:
-                pass
-            proc.wait()
-    try:
-        return int(out[-32:].decode())
-    except ValueError:
-        return 0
-
-
 def code_correct(problem, response):
-    """pass@1: the prompt plus the generated body passes every hidden test."""
-    return run_sandboxed(problem.prompt + response + "\n", problem.answer) == len(problem.answer)
+    """pass@1: the prompt plus the generated body passes every hidden test. The sandbox
+    returns only what f returned; the expected values never leave this process."""
+    inputs = [xs for xs, _ in problem.answer]
+    got = sandbox.run(problem.prompt + response + "\n", inputs)
+    return got is not None and all(same_value(g, want) for g, (_, want) in zip(got, problem.answer))
 
 
-def is_correct(problem, response):
-    return (math_correct if problem.task == "math" else code_correct)(problem, response)
+def same_value(got, want):
+    """Equal, and of the same plain type all the way down: True is not 1, 6.0 is not 6."""
+    if type(got) is not type(want):
+        return False
+    if isinstance(want, list):
+        return len(got) == len(want) and all(map(same_value, got, want))
+    return got == want
 
 
-def score(problems, responses, workers=2):
-    """Verifier verdicts for a list of problems and decoded responses, in order."""
+def is_correct(problem, response, strict=False):
+    if problem.task == "code":
+        return code_correct(problem, response)
+    return (math_strict_correct if strict else math_correct)(problem, response)
+
+
+def score(problems, responses, workers=2, strict=False):
+    """Verifier verdicts for a list of problems and decoded responses, in order.
+    strict: math by math_strict_correct (code is the same either way)."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(is_correct, problems, responses))
+        return list(pool.map(partial(is_correct, strict=strict), problems, responses))
 
 
 # -----------------------------------------------------------------------------

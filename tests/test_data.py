@@ -1,5 +1,6 @@
 import random
 
+import pytest
 import torch
 
 import data
@@ -54,26 +55,70 @@ def test_code_verifier_accepts_every_reference_and_rejects_wrong_bodies():
         assert not data.code_correct(p, "    return sum(xs")  # syntax error
 
 
-def test_sandbox_contains_hostile_bodies(tmp_path):
+def test_scoring_goes_on_past_bodies_that_crash_hang_or_flood():
     p = data.fixed_problems("code", "test", 1)[0]
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep")
-    hostile = ["    while True:\n        pass", "    import os\n    os.fork()\n    return 0",
-               "    x = bytearray(10 * 1024 ** 3)\n    return 0", f"    open({str(tmp_path / 'new.txt')!r}, 'w')\n    return 0",
-               f"    import os\n    os.remove({str(victim)!r})\n    return 0", "    print('x' * 10 ** 7)\n    return 0",
-               "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return 0",
-               "    import sys\n    sys.exit(0)", "    import shutil\n    shutil.rmtree('/tmp')"]
-    verdicts = data.score([p] * len(hostile), hostile)  # the evaluation goes on past each failure
-    assert not any(verdicts)
-    assert victim.read_text() == "keep" and not (tmp_path / "new.txt").exists()
+    bad = ["    while True:\n        pass", "    import sys\n    sys.exit(0)", "    print('x' * 10 ** 7)\n    return 0",
+           "    raise SystemExit", "    return f(xs)"]  # the last recurses until Python stops it
+    assert data.score([p] * (len(bad) + 1), bad + [p.responses[0]]) == [False] * len(bad) + [True]
 
 
-def test_sandbox_ends_an_infinite_loop_within_its_limit():
-    import time
-    p = data.fixed_problems("code", "test", 1)[0]
-    t0 = time.monotonic()
-    assert not data.code_correct(p, "    while True:\n        pass")
-    assert time.monotonic() - t0 < 10  # CPU limit 2 s, wall clock 5 s
+FORGERIES = {  # each passed every code problem while the sandbox judged itself and printed its count of passes
+    "an object equal to anything": "    class x:__eq__=lambda*a:1\n    return x()",
+    "a count printed on fd 1": "    import os\n    os.write(1, b'5')\n    os._exit(0)",
+    "json.dumps patched": "    import json\n    json.dumps = lambda *a, **k: '5'\n    return 0",
+    "the runner's expected values read":
+        "    import sys\n    return next(w for x, w in sys.modules['__main__'].tests if x == xs)",
+}
+
+
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_forged_pass_is_refused(forgery):
+    problems = data.fixed_problems("code", "test", 6)
+    assert data.score(problems, [FORGERIES[forgery]] * len(problems)) == [False] * len(problems)
+
+
+def test_values_of_another_type_are_not_equal():
+    assert data.same_value([1, 2], [1, 2]) and data.same_value(0, 0)
+    assert not data.same_value(True, 1) and not data.same_value(6.0, 6) and not data.same_value([1.0], [1])
+    assert not data.same_value([1], [1, 2]) and not data.same_value(None, 0)
+
+
+def test_hidden_tests_meet_and_miss_every_condition():
+    problems = [data.code_problem(random.Random(i)) for i in range(300)] + list(data.fixed_problems("code", "test"))
+    for p in problems:
+        values = [x for xs, _ in p.answer for x in xs]
+        assert min(values) < 0 and max(values) > 9, p.key
+        if " if " in p.key:
+            condition = p.key.split(" if ")[1]
+            met = [eval(condition, {"x": x}) for x in values]
+            assert any(met) and not all(met), p.key
+
+
+def test_a_body_that_ignores_its_condition_fails():
+    rng = random.Random(0)
+    p = next(p for p in (data.code_problem(rng) for _ in range(10 ** 5)) if p.key == "list of x-2 for x in xs if x>9")
+    assert all(data.score([p] * len(p.responses), p.responses))
+    assert not data.code_correct(p, "    return list(--2 for x in xs if x>9)")  # the issue's: passed on digits 0-9
+
+
+def test_strict_math_wants_every_equation_true():
+    cases = [("2+4+3=", "05+==09"), ("4*5+2*3=", "40+=6=26"), ("(3+4)*4=", "3*4=16,4*4=12,16+12=28"),
+             ("(3+4)*4=", "3+4=07,07*4=29,00+28=28"), ("1+2+3=", "1+2=04,04+2=06")]
+    for prompt, response in cases:  # right by the final answer, wrong by the working
+        p = data.Problem("math", prompt, [], eval(prompt[:-1]), prompt)
+        assert data.math_correct(p, response) and not data.math_strict_correct(p, response), response
+        assert data.score([p], [response]) == [True] and data.score([p], [response], strict=True) == [False]
+    rng = random.Random(1)
+    for _ in range(200):
+        p = data.sample_problem("math", "test", rng)
+        assert all(data.math_strict_correct(p, r) for r in p.responses), p.prompt
+        assert not data.math_strict_correct(p, p.responses[0] + "1")
+
+
+def test_strict_scoring_leaves_code_as_it_is():
+    problems = data.fixed_problems("code", "test", 2)
+    responses = [problems[0].responses[0], "    return None"]
+    assert data.score(problems, responses, strict=True) == data.score(problems, responses) == [True, False]
 
 
 def test_splits_are_disjoint_and_test_prompts_never_in_training():
