@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import signal
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,27 +194,101 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path, **state):
-    """Write to a temporary file and rename it over `path`: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write to a temporary file of this writer's own and rename it over `path`: a crash
+    never leaves half a file and two writers never share one. Refuses a path that holds
+    something other than a regular file (a device, a directory) and non-finite tensors."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file; a checkpoint is never written over it")
+    bad = next((name for name, t in _tensors(state) if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"not saving {path}: {bad} holds non-finite values")
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from other users
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _tensors(state, name="state"):
+    """(name, tensor) for every tensor in a nested dict/list of a checkpoint."""
+    if torch.is_tensor(state):
+        yield name, state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            yield from _tensors(v, f"{name}[{k!r}]" if name != "state" else str(k))
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            yield from _tensors(v, f"{name}[{i}]")
 
 
 def load_checkpoint(path, made_by=None):
     """The checkpoint dict at `path`. Raises CheckpointError naming the file (and, when
-    given, the command that makes it) if it is missing, truncated or not a safe checkpoint."""
+    given, the command that makes it) if it is missing, empty, truncated or not a safe checkpoint."""
     if not os.path.exists(path):
         hint = f"; run `{made_by}` to make it" if made_by else ""
         raise CheckpointError(f"{path} does not exist{hint}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupted, or a pickle that would run code
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    except Exception as e:  # empty, truncated, corrupted, or a pickle that would run code
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e, 120)})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     return ckpt
+
+
+def _first_line(error, width):
+    """`TypeName: first line of the message`, cut to width: errors with no message included."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:width]}" if lines else type(error).__name__
+
+
+def kind_of(ckpt):
+    """What a checkpoint holds: 'head' (train_head.py), or the base's objective, 'mdlm' or 'proseco'."""
+    if "base_fingerprint" in ckpt:
+        return "head"
+    return (ckpt.get("config") or {}).get("objective", "mdlm")
+
+
+def check_output_path(path, kind, inputs=None, replace=False, how="pass --overwrite to replace it"):
+    """Refuse, before any work, to write a `kind` checkpoint (see kind_of) to `path` where
+    that would destroy something: an empty path, an input of the same run (inputs: flag ->
+    path), anything but a regular file, a checkpoint of another kind, or, unless replace, any
+    existing file. Then check that the directory takes a new file. Raises CheckpointError."""
+    if not path:
+        raise CheckpointError("the output path is empty (--out '')")
+    for flag, used in (inputs or {}).items():
+        if os.path.exists(used) and os.path.exists(path) and os.path.samefile(used, path):
+            raise CheckpointError(f"{path} is this run's {flag}: writing it would destroy the input")
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is not a regular file; a checkpoint is never written over it")
+        try:
+            existing = kind_of(load_checkpoint(path))
+        except CheckpointError:
+            existing = None  # not a checkpoint: replace decides
+        if existing is not None and existing != kind:
+            raise CheckpointError(f"{path} holds a {existing} checkpoint; this run writes a {kind} checkpoint")
+        if not replace:
+            what = f"a trained {kind} checkpoint" if existing else "a file that is not a checkpoint"
+            raise CheckpointError(f"{path} already holds {what}; {how}")
+    directory = os.path.dirname(path) or "."
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"cannot write {path}: {directory} is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=os.path.basename(path) + ".", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}")
 
 
 def load_model(path, tokenizer_id=None, made_by="python train_base.py"):
@@ -231,8 +306,8 @@ def rebuild(path, ckpt, module_cls, config_cls):
     try:
         module = module_cls(config_cls(**ckpt["model_args"]))
         module.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path} does not match {module_cls.__name__}: {str(e).splitlines()[0][:160]}")
+    except (TypeError, RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match {module_cls.__name__}: {_first_line(e, 160)}")
     return module.eval()
 
 
@@ -250,11 +325,33 @@ def model_fingerprint(model):
 
 
 def pick_device(name=None):
+    """`name` if this machine has that device (ValueError if not), else the best available."""
     if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"{name!r} is not a device: cuda, cuda:N, mps or cpu") from None
+        present = {"cpu": True, "mps": torch.backends.mps.is_available(),
+                   "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()}
+        if not present.get(device.type, False):
+            raise ValueError(f"this machine has no {name} device")
         return name
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def check_flags(args, checks=()):
+    """ValueError naming the first flag that cannot work, checked before any work: the
+    flags both training scripts share, then `checks`, (flag, holds, what it must be)."""
+    shared = [("--batch-size", args.batch_size >= 1, "at least 1"),
+              ("--max-iters", args.max_iters >= 1, "at least 1"),
+              ("--lr", math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
+              ("--min-lr-frac", 0 <= args.min_lr_frac <= 1, "between 0 and 1"),
+              ("--warmup", args.warmup >= 0, "at least 0")]
+    for flag, holds, want in shared + list(checks):
+        if not holds:
+            raise ValueError(f"{flag} must be {want}, got {getattr(args, flag[2:].replace('-', '_'))}")
 
 
 def peak_flops(device):
