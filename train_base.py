@@ -2,17 +2,21 @@
 Train the masked diffusion LM from scratch on both task families.
 
     python train_base.py                      # CPU default: ~28 minutes on 2 cores
-    python train_base.py --resume             # continue out/base.pt
+    python train_base.py --resume             # continue out/base.pt, its data stream included
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
 
 One flat loop: batch, forward, backward, step, log, evaluate, checkpoint. The
 checkpoint (out/base.pt) holds the best state by validation accuracy, written at
 each evaluation that matches or beats it, and the current state when the run is
-interrupted (Ctrl-C or SIGTERM), so --resume loses nothing. Writes are atomic.
+interrupted (Ctrl-C or SIGTERM), so --resume loses nothing. Writes are atomic;
+a run never writes over another kind of checkpoint, nor over a trained one
+unless told to (--resume, --overwrite), and stops before a non-finite gradient
+reaches the weights.
 """
 
 import argparse
+import math
 import random
 import signal
 import sys
@@ -24,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import (GPT, CheckpointError, GPTConfig, finish_distributed, load_checkpoint, lr_at, mdlm_loss, peak_flops,
-                   proseco_loss, save_checkpoint, setup_distributed, uninterrupted)
+from model import (GPT, CheckpointError, GPTConfig, check_flags, check_output_path, finish_distributed, kind_of,
+                   load_checkpoint, lr_at, mdlm_loss, peak_flops, pick_device, proseco_loss, save_checkpoint,
+                   setup_distributed, uninterrupted)
 from sample import FixedSchedule, decode_problems
 
 
@@ -51,9 +56,50 @@ def get_args(argv=None):
     p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
     p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
     p.add_argument("--seed", type=int, default=1, help="data and init seed (the README compares seeds 1 and 1337)")
-    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--resume", action="store_true", help="continue from --out: weights, optimizer and data stream")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a trained checkpoint")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)
+
+
+ARCHITECTURE = ("n_layer", "n_embd", "n_head")
+
+
+def check_args(args):
+    """Every flag, before any work: ValueError or CheckpointError naming the first that cannot work."""
+    check_flags(args, [("--n-layer", args.n_layer >= 1, "at least 1"), ("--n-head", args.n_head >= 1, "at least 1"),
+                       ("--n-embd", args.n_head >= 1 and args.n_embd >= 1 and args.n_embd % args.n_head == 0,
+                        "a positive multiple of --n-head"),
+                       ("--weight-decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+                        "a finite number, at least 0"),
+                       ("--grad-clip", math.isfinite(args.grad_clip) and args.grad_clip > 0, "a finite number above 0"),
+                       ("--eval-every", args.eval_every >= 1, "at least 1"),
+                       ("--eval-problems", args.eval_problems >= 1, "at least 1"),
+                       ("--level", args.level in (1, 2, 3), "1, 2 or 3")])
+    for task in data.TASKS:  # ValueError now, not at the first validation, if the split is too small
+        data.fixed_problems(task, "val", args.eval_problems, args.level)
+    check_output_path(args.out, args.objective, replace=args.resume or args.overwrite,
+                      how="pass --resume to continue it or --overwrite to replace it")
+
+
+def checkpoint_to_resume(args, given, enc):
+    """The checkpoint --resume continues; CheckpointError unless it was trained with this
+    objective, this tokenizer and the architecture flags given (naming both sides)."""
+    ckpt = load_checkpoint(args.out, made_by="python train_base.py")
+    if kind_of(ckpt) != args.objective:
+        raise CheckpointError(f"cannot resume: {args.out} is a {kind_of(ckpt)} checkpoint, "
+                              f"this run trains --objective {args.objective}")
+    if ckpt.get("tokenizer_id") != data.tokenizer_id(enc):
+        raise CheckpointError(f"cannot resume: {args.out} was made with tokenizer {ckpt.get('tokenizer_id')}, "
+                              f"this code builds {data.tokenizer_id(enc)}")
+    for name, value in given.items():
+        if ckpt["model_args"][name] != value:
+            flag = "--" + name.replace("_", "-")
+            raise CheckpointError(f"cannot resume: {args.out} has {flag} {ckpt['model_args'][name]}, "
+                                  f"this run asks for {flag} {value}")
+    for name in ARCHITECTURE:  # the saved config says what actually ran
+        setattr(args, name, ckpt["model_args"][name])
+    return ckpt
 
 
 def batch_loss(loss_fn, model, batches, enc, args):
@@ -88,10 +134,15 @@ def validate(model, enc, args, ctx):
 
 def main(argv=None):
     args = get_args(argv)
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: --device: {e}")
     rank, local_rank, world, args.device = setup_distributed(args.device)  # torchrun: one rank per device
     ddp = world > 1
     master = rank == 0
     cuda = args.device.startswith("cuda")
+    given = {name: getattr(args, name) for name in ARCHITECTURE if getattr(args, name) is not None}
     # defaults sized for the machine: a CPU run that fits in 30 minutes, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
                                         ("batch_size", 128, 512), ("max_iters", 2400, 4000)]:
@@ -99,7 +150,16 @@ def main(argv=None):
             setattr(args, name, cuda_value if cuda else cpu_value)
             if name == "max_iters" and args.objective == "proseco":
                 args.max_iters //= 2  # two forward/backward passes a step: the same wall-clock budget
-    args.out = args.out or ("out/proseco.pt" if args.objective == "proseco" else "out/base.pt")
+    if args.out is None:
+        args.out = "out/proseco.pt" if args.objective == "proseco" else "out/base.pt"
+    enc = data.get_tokenizer()
+    ckpt = None
+    try:
+        if args.resume:
+            ckpt = checkpoint_to_resume(args, given, enc)
+        check_args(args)
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     loss_fn = proseco_loss if args.objective == "proseco" else lambda *a: mdlm_loss(*a)[0]
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
@@ -108,18 +168,10 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    enc = data.get_tokenizer()
     config = GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     start_iter, best_val = 0, float("-inf")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(args.out, made_by="python train_base.py")
-        except CheckpointError as e:
-            sys.exit(f"error: cannot resume: {e}")
-        if ckpt.get("tokenizer_id") != data.tokenizer_id(enc):
-            sys.exit(f"error: cannot resume: {args.out} was made with another tokenizer")
+    if ckpt is not None:
         config = GPTConfig(**ckpt["model_args"])
         start_iter, best_val = ckpt["iter"], ckpt["best_val"]
     model = GPT(config).to(args.device)
@@ -136,10 +188,10 @@ def main(argv=None):
         model = DDP(model, device_ids=[local_rank] if cuda else None)
 
     def checkpoint(it):
-        if master:
+        if master:  # with the data stream where step `it` left it: --resume sees no batch twice
             save_checkpoint(args.out, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                             model_args=asdict(config), tokenizer_id=data.tokenizer_id(enc), iter=it,
-                            best_val=best_val, config=vars(args))
+                            best_val=best_val, config=vars(args), **stream)
 
     # Ctrl-C and SIGTERM both end the loop cleanly, with a checkpoint
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -149,7 +201,22 @@ def main(argv=None):
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters on {args.device} x{world}, "
               f"{tokens_per_iter} tokens/step, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
-    done = start_iter  # optimizer steps completed: what a checkpoint records
+    if ckpt is not None and "data_rng" in ckpt:  # the data stream and the masks go on where they stopped
+        if master:
+            rng.setstate(ckpt["data_rng"])
+        else:  # only rank 0's stream is saved: the others draw fresh ones, never a replay
+            rng.seed(f"{args.seed + rank}-{start_iter}")
+        torch.set_rng_state(ckpt["torch_rng"])
+        if cuda and "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    elif ckpt is not None and master:
+        print(f"note: {args.out} holds no data stream (saved by an older version): the stream restarts")
+
+    def rng_states():
+        states = {"data_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+        return {**states, "cuda_rng": torch.cuda.get_rng_state()} if cuda else states
+
+    done, stream = start_iter, rng_states()  # optimizer steps completed, and the streams after them
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master)
     train_seconds = 0.0  # time in training steps only, for the average tok/s and MFU
     try:
@@ -165,10 +232,14 @@ def main(argv=None):
                 sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if not torch.isfinite(grad_norm):  # the same guard for the gradient: the step never runs
+                bar.close()
+                sys.exit(f"error: the gradient norm became {grad_norm.item()} at step {it}; stopped before the step, "
+                         f"{args.out} is the last good state")
             with uninterrupted():  # the checkpoint saved on interruption never holds half a step
                 optimizer.step()
-                done = it + 1
+                done, stream = it + 1, rng_states()
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -189,7 +260,10 @@ def main(argv=None):
                         checkpoint(done)  # out/base.pt holds the best evaluated state
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(done)  # --resume redoes no step and skips none
+        try:
+            checkpoint(done)  # --resume redoes no step and skips none
+        except CheckpointError as e:
+            sys.exit(f"error: interrupted after step {done}: {e}")
         if master:
             print(f"interrupted after step {done}: saved {args.out}; continue with --resume")
         sys.exit(130)

@@ -3,6 +3,7 @@ Train the DSC correction head on the frozen base's own mistakes.
 
     python train_head.py             # FCA head -> out/head.pt (CPU default: ~9 minutes)
     python train_head.py --no-fca    # the ablation: drafts made and judged in one context
+    python train_head.py --overwrite # replace an existing head (Ctrl-C or SIGTERM: exit 130, nothing saved)
     torchrun --nproc_per_node=2 train_head.py   # DistributedDataParallel over the head
 
 The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
@@ -27,8 +28,8 @@ from tqdm import tqdm
 
 import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
-from model import (CheckpointError, finish_distributed, load_model, lr_at, model_fingerprint, peak_flops, save_checkpoint,
-                   setup_distributed, uninterrupted)
+from model import (CheckpointError, check_flags, check_output_path, finish_distributed, load_model, lr_at,
+                   model_fingerprint, peak_flops, pick_device, save_checkpoint, setup_distributed)
 from remasking import HeadRemask
 from sample import FixedSchedule, decode_problems, generate
 
@@ -51,8 +52,32 @@ def get_args(argv=None):
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=int, default=1, help="head init and drafts (README: seeds 1 and 1337 on the default base)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a trained head")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)
+
+
+def numbers(text, kind):
+    """The comma-separated numbers of a flag, or [] if any is not a number of that kind."""
+    try:
+        return [kind(t) for t in text.split(",")]
+    except ValueError:
+        return []
+
+
+def check_args(args):
+    """Every flag, before any work (the ones read after training too): ValueError or
+    CheckpointError naming the first that cannot work."""
+    taus = numbers(args.taus, float)
+    check_flags(args, [("--width", args.width >= 1 and args.width % HeadConfig.n_head == 0,
+                        f"a positive multiple of the head's {HeadConfig.n_head} attention heads"),
+                       ("--n-layer", args.n_layer >= 1, "at least 1"),
+                       ("--draft-tokens", 1 <= args.draft_tokens <= data.GEN_LEN, f"between 1 and {data.GEN_LEN}"),
+                       ("--taus", taus and all(0 <= t <= 1 for t in taus), "comma-separated numbers between 0 and 1"),
+                       ("--val-problems", args.val_problems >= 1, "at least 1")])
+    for task in data.TASKS:  # ValueError now, not after training, if the split is too small
+        data.fixed_problems(task, "val", args.val_problems)
+    check_output_path(args.out, "head", inputs={"--base": args.base}, replace=args.overwrite)
 
 
 @torch.no_grad()
@@ -126,9 +151,18 @@ def pick_remasking(base, head, enc, taus, n, ctx):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.out is None:
+        args.out = "out/head_nofca.pt" if args.no_fca else "out/head.pt"
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        sys.exit(f"error: --device: {e}")
+    try:
+        check_args(args)
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     rank, local_rank, world, args.device = setup_distributed(args.device)  # torchrun: one rank per device
     master = rank == 0
-    args.out = args.out or ("out/head_nofca.pt" if args.no_fca else "out/head.pt")
     cuda = args.device.startswith("cuda")
     torch.manual_seed(args.seed)  # the same initial head on every rank
     rng = random.Random(args.seed + rank)  # each rank its own data stream
@@ -163,6 +197,7 @@ def main(argv=None):
               f"({'FCA' if not args.no_fca else 'no FCA'}) x{world}, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
     t_start = time.time()
     bar = tqdm(range(args.max_iters), disable=not master)
+    done = 0  # optimizer steps completed
     try:
         for it in bar:
             t0 = time.perf_counter()
@@ -180,19 +215,24 @@ def main(argv=None):
                 loss = balanced_bce(torch.cat(logits), wrong, drafted)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            with uninterrupted():  # the head saved on interruption never holds half a step
-                optimizer.step()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in head.parameters() if p.grad is not None])
+            if not torch.isfinite(grad_norm):  # stop before a NaN reaches the head's weights
+                bar.close()
+                sys.exit(f"error: the gradient norm became {grad_norm.item()} at step {it}; stopped before the step, "
+                         "nothing saved")
+            optimizer.step()
+            done = it + 1
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss.item():.3f}", wrong=f"{wrong.sum().item() / drafted.sum().item():.1%}",
                             tok_s=f"{tokens_per_step / dt:.0f}",
                             mfu=f"{flops_per_step / dt / peak:.0%}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, as train_base.py; a head has no --resume, so no half-trained save
         bar.close()
-        print("interrupted: the head is trained on fewer steps than asked; picking tau and saving it anyway")
+        print(f"interrupted after step {done} of {args.max_iters}: nothing saved, {args.out} is unchanged")
+        sys.exit(130)
     head.eval()
     if master:
-        policy, by_tau = pick_remasking(base, head, enc, [float(t) for t in args.taus.split(",")],
-                                        args.val_problems, ctx)
+        policy, by_tau = pick_remasking(base, head, enc, numbers(args.taus, float), args.val_problems, ctx)
         tau = policy.tau
         metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
         decoded = decoded_drafts_metrics(base, head, enc, tau, ctx)
@@ -213,4 +253,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # while tau is picked, after training
+        print("interrupted: nothing saved")
+        sys.exit(130)

@@ -46,7 +46,7 @@ def test_sigterm_saves_a_consistent_checkpoint_that_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(root, "train_base.py"), *TINY, "--out", str(out),
                              "--max-iters", "100000", "--eval-every", "3"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # the first checkpoint comes after an evaluation: minutes on a loaded machine
     while not out.exists() and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
@@ -125,3 +125,148 @@ def test_decoded_drafts_are_labelled_against_the_closest_valid_response(enc):
     assert train_head.wrong_tokens(enc, problem, wrong, accepted=False).nonzero().flatten().tolist() == [0]
     assert not train_head.wrong_tokens(enc, problem, row, accepted=False).any()
     assert not train_head.wrong_tokens(enc, problem, wrong, accepted=True).any()  # the verifier has the last word
+
+
+def tiny_checkpoint(path, enc, objective="mdlm"):
+    """A base checkpoint as train_base.py writes it, of the TINY architecture, without training."""
+    import data
+    from conftest import tiny_config
+    from model import GPT, save_checkpoint
+    torch.manual_seed(0)
+    model = GPT(tiny_config(enc))
+    save_checkpoint(str(path), model=model.state_dict(), optimizer=torch.optim.AdamW(model.parameters()).state_dict(),
+                    model_args=vars(model.config), tokenizer_id=data.tokenizer_id(enc), iter=2, best_val=0.0,
+                    config={"objective": objective})
+    return str(path)
+
+
+def one_line_error(main, argv):
+    import pytest
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_every_bad_flag_is_a_one_line_error_before_any_work(tmp_path):
+    out = str(tmp_path / "base.pt")
+    (tmp_path / "file").write_text("")
+    cases = [("--batch-size", "0"), ("--eval-every", "0"), ("--lr", "nan"), ("--grad-clip", "nan"),
+             ("--max-iters", "0"), ("--n-embd", "33"), ("--device", "bogus"), ("--out", ""),
+             ("--out", str(tmp_path / "file" / "base.pt"))]  # a directory that is a file: unwritable
+    if not torch.cuda.is_available():
+        cases.append(("--device", "cuda"))
+    for flag, value in cases:
+        argv = TINY + ["--out", out, "--max-iters", "2"] + [flag, value]
+        assert flag in one_line_error(train_base.main, argv) or value in one_line_error(train_base.main, argv)
+    head_cases = [("--taus", "a"), ("--taus", "0.5,2"), ("--batch-size", "0"), ("--lr", "inf"),
+                  ("--draft-tokens", "0"), ("--out", str(tmp_path / "file" / "head.pt"))]
+    for flag, value in head_cases:  # before the base is even loaded: it does not exist
+        message = one_line_error(train_head.main, ["--base", str(tmp_path / "nope.pt"), flag, value, "--device", "cpu"])
+        assert flag in message or value in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing was written
+
+
+def test_bad_flags_exit_non_zero_with_one_line_on_stderr(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    empty = tmp_path / "e.pt"
+    empty.write_bytes(b"")
+    for argv in (["train_base.py", "--lr", "nan"], ["train_head.py", "--base", str(empty), "--out", str(tmp_path / "h.pt")]):
+        result = subprocess.run([sys.executable, os.path.join(root, argv[0]), *argv[1:], "--device", "cpu"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), \
+            result.stderr
+
+
+def test_a_run_never_writes_over_its_input_or_another_kind(tmp_path, enc):
+    import pytest
+    base = tiny_checkpoint(tmp_path / "base.pt", enc)
+    before = open(base, "rb").read()
+    assert "this run's --base" in one_line_error(train_head.main, ["--base", base, "--out", base, "--device", "cpu"])
+    assert "already holds a trained mdlm checkpoint" in one_line_error(train_base.main, TINY + ["--out", base])
+    message = one_line_error(train_base.main, TINY + ["--out", base, "--objective", "proseco", "--overwrite"])
+    assert "holds a mdlm checkpoint; this run writes a proseco checkpoint" in message
+    other = tiny_checkpoint(tmp_path / "other.pt", enc)
+    message = one_line_error(train_head.main, ["--base", other, "--out", base, "--device", "cpu", "--overwrite"])
+    assert "holds a mdlm checkpoint; this run writes a head checkpoint" in message
+    assert open(base, "rb").read() == before
+    with pytest.raises(SystemExit, match="not a regular file"):
+        train_base.main(TINY + ["--out", str(tmp_path), "--overwrite"])
+
+
+def test_resume_refuses_another_objective_or_architecture_naming_both(tmp_path, enc):
+    base = tiny_checkpoint(tmp_path / "base.pt", enc)
+    message = one_line_error(train_base.main, TINY + ["--out", base, "--resume", "--objective", "proseco"])
+    assert "is a mdlm checkpoint, this run trains --objective proseco" in message
+    message = one_line_error(train_base.main, TINY + ["--n-layer", "3", "--out", base, "--resume"])
+    assert "has --n-layer 2, this run asks for --n-layer 3" in message
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def test_a_non_finite_gradient_stops_the_run_before_the_step(tmp_path, enc, monkeypatch):
+    import pytest
+    base = tiny_checkpoint(tmp_path / "base.pt", enc)
+    before = load_checkpoint(base)["model"]
+    loss = train_base.batch_loss
+    monkeypatch.setattr(train_base, "batch_loss", lambda *a: NaNGradient.apply(loss(*a)))
+    with pytest.raises(SystemExit, match="gradient norm became nan at step 2; stopped before the step"):
+        train_base.main(TINY + ["--out", base, "--resume", "--max-iters", "4"])
+    after = load_checkpoint(base)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_continues_the_data_stream_bit_for_bit(tmp_path, monkeypatch):
+    """Interrupted after step 2 and resumed, a run ends with the weights of one never interrupted."""
+    import pytest
+    import data
+    monkeypatch.setattr(train_base, "validate", lambda *a: (0.0, {"math": 0.0, "code": 0.0}))  # not what is tested
+    whole, split = str(tmp_path / "whole.pt"), str(tmp_path / "split.pt")
+    argv = TINY + ["--max-iters", "4", "--eval-every", "100"]
+    train_base.main(argv + ["--out", whole])
+    get_batch, calls = data.get_batch, []
+
+    def interrupt_at_step_2(enc, batch_size, rng, split="train", level=2):
+        calls.append(split)
+        if calls.count("train") == 4:  # one batch counts tokens, then steps 0, 1, and 2: interrupted there
+            raise KeyboardInterrupt
+        return get_batch(enc, batch_size, rng, split, level)
+    monkeypatch.setattr(data, "get_batch", interrupt_at_step_2)
+    with pytest.raises(SystemExit):
+        train_base.main(argv + ["--out", split])
+    assert load_checkpoint(split)["iter"] == 2
+    monkeypatch.setattr(data, "get_batch", get_batch)
+    train_base.main(argv + ["--out", split, "--resume"])
+    a, b = load_checkpoint(whole), load_checkpoint(split)
+    assert a["iter"] == b["iter"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sigterm_ends_head_training_like_base_training(tmp_path, enc):
+    import os
+    import signal
+    import subprocess
+    import sys
+    base, out = tiny_checkpoint(tmp_path / "base.pt", enc), tmp_path / "head.pt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "train_head.py"), "--base", base, "--out", str(out),
+                             "--max-iters", "100000", "--batch-size", "8", "--width", "16", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert "frozen base" in proc.stdout.readline()  # printed just before the first step
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "nothing saved" in stdout and not out.exists()
