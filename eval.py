@@ -37,7 +37,8 @@ from corrector import load_head
 from model import CheckpointError, load_model, model_fingerprint, pick_device
 from proseco import ProSeCoCorrector
 from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
-from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, decode_problems, positive
+from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
+                    decode_problems, positive)
 
 NEAR = 0.02  # "within 2 points" of the base at one token per step
 
@@ -72,9 +73,11 @@ def summary(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="out/base.pt", help="base checkpoint")
-    parser.add_argument("--head", default="out/head.pt", help="DSC head (FCA)")
-    parser.add_argument("--head-nofca", default="out/head_nofca.pt", help="ablation head (no FCA)")
+    parser.add_argument("--base", default=checkpoint_path("base.pt"),
+                        help="base checkpoint (default: out/base.pt, else the shipped weights/base.pt)")
+    parser.add_argument("--head", default=checkpoint_path("head.pt"), help="DSC head (FCA; default: out/, else weights/)")
+    parser.add_argument("--head-nofca", default=checkpoint_path("head_nofca.pt"),
+                        help="ablation head (no FCA; default: out/, else weights/)")
     parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
     parser.add_argument("--remdm-eta", type=positive(float), default=0.05,
                         help="ReMDM-conf: tokens sent back per step per revealed token")

@@ -32,6 +32,16 @@ from corrector import load_head
 from model import CheckpointError, load_model, model_fingerprint, most_confident, pick_device, propose
 from remasking import HeadRemask, NoRemask
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+
+
+def checkpoint_path(name):
+    """out/NAME once you have trained it, else the default weights shipped in weights/NAME."""
+    trained = os.path.join("out", name)
+    return trained if os.path.exists(trained) or not os.path.exists(os.path.join(SHIPPED, name)) \
+        else os.path.join(SHIPPED, name)
+
+
 # Two semi-autoregressive blocks of 16 over the 32 response tokens: chosen on validation
 # among the lengths that leave the head at least two passes per block at 8 tokens per step.
 BLOCK_LEN = 16
@@ -248,8 +258,10 @@ def positive(kind):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="out/base.pt", help="base model checkpoint")
-    parser.add_argument("--head", default="out/head.pt", help="DSC correction head, used when the file exists")
+    parser.add_argument("--ckpt", default=checkpoint_path("base.pt"),
+                        help="base model checkpoint (default: out/base.pt, else the shipped weights/base.pt)")
+    parser.add_argument("--head", default=checkpoint_path("head.pt"),
+                        help="DSC correction head, used when the file exists (default: out/, else weights/)")
     parser.add_argument("--no-head", action="store_true", help="decode with the base alone")
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--steps", type=int, default=None,

@@ -364,3 +364,20 @@ def test_same_seed_prints_the_same_text(ckpt, capsys):
         run_cli("--ckpt", ckpt, "--no-head", "--num", "2", "--temperature", "1.0", "--seed", "3")
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] and "accuracy" in outputs[0]
+
+
+def test_the_shipped_weights_load_and_still_solve_the_tasks(enc):
+    # a change to the tokenizer, the prompt layout or the model that would break the weights in
+    # weights/ fails here, not on a new user's first `python sample.py`
+    import os
+
+    from corrector import load_head
+    from model import load_model, model_fingerprint
+    from sample import SHIPPED
+    base, _ = load_model(os.path.join(SHIPPED, "base.pt"), data.tokenizer_id(enc))
+    head, ckpt = load_head(os.path.join(SHIPPED, "head.pt"), model_fingerprint(base))
+    for task in data.TASKS:
+        problems = data.fixed_problems(task, "test", 20)
+        responses, _ = decode_problems(base, enc, problems, ConfidenceThreshold(0.9),
+                                       remask=HeadRemask(head, **ckpt["remasking"]))
+        assert sum(data.score(problems, responses)) >= 14  # most of them: the weights still work
