@@ -1,6 +1,7 @@
 """
 The comparison: accuracy against mean forward passes per answer (the frontier),
-per task and per decoder, on the fixed test set, scored by data.py's verifiers.
+per task and per decoder, on the fixed test set, scored by data.py's verifiers
+(math both by its final answer and strictly, every written equation true).
 
     python eval.py                 # markdown tables on stdout, every point in out/eval.json
     python eval.py --plot          # also out/eval.png: both tasks, one line per decoder and reveal rule
@@ -161,9 +162,12 @@ def main(argv=None):
                 if name == "dsc":
                     dsc_counts = counts
                 right = data.score(problems, responses)
+                # math both ways: the final answer (GSM8K's metric) and strict (every written equation true)
+                strict = data.score(problems, responses, strict=True) if task == "math" else right
                 rows.append({"task": task, "rule": kind, **{("threshold" if kind == "threshold" else "tokens_per_step"):
                                                             setting},
                              "decoder": name, "accuracy": sum(right) / len(problems),
+                             "strict_accuracy": sum(strict) / len(problems), "strict_right": strict,
                              "mean_passes": sum(passes) / len(problems), "ms_per_problem": 1000 * seconds / len(problems),
                              "remasked_per_problem": counts.sum().item() / len(problems), "right": right})
                 print(f"{task} {rule} {name}: {rows[-1]['accuracy']:.1%} at {rows[-1]['mean_passes']:.2f} passes",
@@ -212,11 +216,13 @@ def print_tables(rows, args):
     """One markdown table per task (accuracy @ mean passes), then the summary."""
     decoders = list(dict.fromkeys(r["decoder"] for r in rows))
     for task in data.TASKS:
-        print(f"\n**{task}** ({args.split}, {args.num} problems): accuracy @ mean forward passes per answer\n")
+        both = " (final answer / strict)" if task == "math" else ""
+        print(f"\n**{task}** ({args.split}, {args.num} problems): accuracy{both} @ mean forward passes per answer\n")
         print("| reveal rule | " + " | ".join(decoders) + " |")
         print("|---" * (len(decoders) + 1) + "|")
         for key in dict.fromkeys((r["rule"], r.get("tokens_per_step", r.get("threshold"))) for r in rows):
-            cells = {r["decoder"]: f"{r['accuracy']:.1%} @ {r['mean_passes']:.1f}" for r in rows
+            cells = {r["decoder"]: f"{r['accuracy']:.1%}" + (f" / {r['strict_accuracy']:.1%}" if task == "math" else "")
+                     + f" @ {r['mean_passes']:.1f}" for r in rows
                      if r["task"] == task and (r["rule"], r.get("tokens_per_step", r.get("threshold"))) == key}
             label = {"fixed": f"{key[1]} tokens/step", "threshold": f"threshold {key[1]}",
                      "rollback": f"rollback, {key[1]} tokens/step"}[key[0]]
