@@ -12,7 +12,7 @@ def tracked_text_files():
 
 def test_nothing_in_the_project_points_outside_it():
     outside = re.compile(r"\.\./shared|\.\./\.\.|/work/|/tmp/i21")
-    hits = [f"{name}:{i}" for name in tracked_text_files()
+    hits = [f"{name}:{i}" for name in tracked_text_files() if name != "tests/test_docs.py"
             for i, line in enumerate(open(os.path.join(ROOT, name), encoding="utf-8"), 1) if outside.search(line)]
     assert not hits
 
