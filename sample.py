@@ -320,14 +320,18 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     judged = [i for i, p in enumerate(problems) if p.task in data.TASKS]
-    verdicts = dict(zip(judged, data.score([problems[i] for i in judged], [outputs[i][0] for i in judged])))
+    scored = [problems[i] for i in judged], [outputs[i][0] for i in judged]
+    verdicts = dict(zip(judged, data.score(*scored)))
+    strict = dict(zip(judged, data.score(*scored, strict=True)))  # math: every written equation true too
     for i, (p, (response, passes)) in enumerate(zip(problems, outputs)):
         mark = {True: "RIGHT", False: "WRONG"}.get(verdicts.get(i), "")
+        if verdicts.get(i) and not strict[i]:
+            mark += " by its final answer, WRONG by its worked steps"
         print("=" * 60 + f"\n{p.prompt.rstrip()}\n--> {mark} ({passes} forward passes)\n{response}")
     if judged:
         right = sum(verdicts.values())
         mean_passes = sum(o[1] for o in outputs) / len(outputs)
-        print("=" * 60 + f"\naccuracy {right}/{len(judged)} with {reveal} and remasking {remask}: "
+        print("=" * 60 + f"\naccuracy {right}/{len(judged)} (strict {sum(strict.values())}) with {reveal} and remasking {remask}: "
               f"{mean_passes:.1f} forward passes per answer")
 
 
