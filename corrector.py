@@ -13,13 +13,14 @@ How the head is used at inference (tau, K, the check cadence) is decoding
 policy, not architecture: remasking.HeadRemask.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, CheckpointError, load_checkpoint, mask_response, most_confident, propose, rebuild
+from common import CheckpointError, load_checkpoint, rebuild
+from model import Block, mask_response, most_confident, propose
 
 
 @dataclass

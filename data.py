@@ -24,8 +24,8 @@ plus <|eos|> and <|mask|>. Layout: a row is its prompt, left-padded with <|eos|>
 to the narrowest of PROMPT_WIDTHS that holds it, followed by GEN_LEN response
 tokens (right-padded with <|eos|>): the response is always the last GEN_LEN
 columns. A math prompt (at most 12 tokens) takes 16 columns, a code prompt 48,
-so math rows do not pay for 32 columns of padding (measured: 0.65 s against 1.03 s
-per training step of the default runs); two static shapes serve everything.
+so math rows do not pay for 32 columns of padding; two static shapes serve
+everything.
 """
 
 import ast
@@ -99,12 +99,12 @@ def math_problem(rng, level=2):
         pairs = [(d[2 * i], d[2 * i + 1]) for i in range(n)]
         prompt = "+".join(f"{a}*{b}" for a, b in pairs) + "="
         answer = sum(a * b for a, b in pairs)
-        # two products stay in the prompt's order: with both orders as well the CPU base
-        # paired the wrong factors (58/99 right); in this order 96/99 (README)
+        # two products stay in the prompt's order: with both orders as well the small
+        # base learned to pair the wrong factors
         orders = ([0, 1],) if n == 2 else ([0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1])
         # two products: one list (as the prompt writes them) and one chain (in its order),
         # drawn equally, so neither layout has variants that split its tokens and revealed
-        # tokens that disagree mix the layouts (README); three (level 3): lists in four
+        # tokens that disagree mix the layouts; three (level 3): lists in four
         # orders with all products flipped together or not, chains in every order
         flip_sets = [(0,) * n] if n == 2 else [(0,) * n, (1,) * n]
         for order, flips in itertools.product(orders, flip_sets):
@@ -365,7 +365,7 @@ def decode_response(enc, ids):
 def get_batch(enc, batch_size, rng, split="train", level=2):
     """A batch of batch_size rows as one tensor per task (math, code), each (rows,
     prompt width + GEN_LEN) with one random valid response per row. Three fifths math,
-    two fifths code: with a quarter or a third code the base fell short on code (README)."""
+    two fifths code: with less code the base falls short on code."""
     batches = []
     for task, n in (("math", batch_size - 2 * batch_size // 5), ("code", 2 * batch_size // 5)):
         if n == 0:

@@ -25,7 +25,6 @@ number comes from decoding in this run.
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -35,9 +34,9 @@ import torch
 
 import data
 from corrector import load_head
-from model import CheckpointError, load_model, model_fingerprint, pick_device
+from common import CheckpointError, load_model, model_fingerprint, pick_device
 from proseco import ProSeCoCorrector
-from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
+from remasking import HeadRemask, RandomRemask, ReMDMConf
 from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
                     decode_problems, positive)
 
@@ -141,7 +140,7 @@ def main(argv=None):
     cuda = device.startswith("cuda")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    rows = []
+    rows, dsc_counts = [], None
     for task in data.TASKS:
         problems = list(data.fixed_problems(task, args.split, args.num))
         for kind, setting, rule in rules:

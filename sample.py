@@ -29,7 +29,8 @@ import torch
 
 import data
 from corrector import load_head
-from model import CheckpointError, load_model, model_fingerprint, most_confident, pick_device, propose
+from common import CheckpointError, load_model, model_fingerprint, pick_device
+from model import most_confident, propose
 from remasking import HeadRemask, NoRemask
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")

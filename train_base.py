@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import (GPT, CheckpointError, GPTConfig, check_flags, check_output_path, finish_distributed, kind_of,
-                   load_checkpoint, lr_at, mdlm_loss, peak_flops, pick_device, proseco_loss, save_checkpoint,
-                   setup_distributed, uninterrupted)
+from common import (CheckpointError, check_flags, check_output_path, finish_distributed, kind_of, load_checkpoint,
+                    lr_at, peak_flops, pick_device, save_checkpoint, setup_distributed, uninterrupted)
+from model import GPT, GPTConfig, mdlm_loss, proseco_loss
 from sample import FixedSchedule, decode_problems
 
 
@@ -55,7 +55,7 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=400, help="steps between validation and checkpoint")
     p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
     p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
-    p.add_argument("--seed", type=int, default=1, help="data and init seed (the README compares seeds 1 and 1337)")
+    p.add_argument("--seed", type=int, default=1, help="data and init seed")
     p.add_argument("--resume", action="store_true", help="continue from --out: weights, optimizer and data stream")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a trained checkpoint")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
-from model import (CheckpointError, check_flags, check_output_path, finish_distributed, load_model, lr_at,
-                   model_fingerprint, peak_flops, pick_device, save_checkpoint, setup_distributed)
+from common import (CheckpointError, check_flags, check_output_path, finish_distributed, load_model, lr_at,
+                    model_fingerprint, peak_flops, pick_device, save_checkpoint, setup_distributed)
 from remasking import HeadRemask
 from sample import FixedSchedule, decode_problems, generate
 
@@ -51,7 +51,7 @@ def get_args(argv=None):
                    help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
-    p.add_argument("--seed", type=int, default=1, help="head init and drafts (README: seeds 1 and 1337 on the default base)")
+    p.add_argument("--seed", type=int, default=1, help="head init and drafts")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a trained head")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)

@@ -25,3 +25,8 @@ def tiny_config(enc, **kw):
 def tiny_model(enc):
     torch.manual_seed(0)
     return GPT(tiny_config(enc)).eval()
+
+
+# a training run small enough for a test: tiny model, tiny batch, CPU
+TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-problems", "4",
+        "--device", "cpu"]

@@ -22,7 +22,8 @@ import data
 import train_base
 from conftest import tiny_config
 from corrector import CorrectionHead, HeadConfig
-from model import GPT, GPTConfig, load_model, mdlm_loss, save_checkpoint
+from common import load_model, save_checkpoint
+from model import GPT, GPTConfig, mdlm_loss
 from remasking import HeadRemask, NoRemask
 from sample import FixedSchedule, generate
 

@@ -3,7 +3,7 @@ import random
 import torch
 
 import data
-from corrector import CorrectionHead, HeadConfig, auroc, fca_drafts
+from corrector import auroc, fca_drafts
 
 
 def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):

@@ -5,7 +5,7 @@ import pytest
 import eval as evaluate
 import train_base
 import train_head
-from test_train import TINY
+from conftest import TINY
 
 
 def test_eval_compares_every_method_at_equal_forward_passes(tmp_path):

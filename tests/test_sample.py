@@ -285,7 +285,7 @@ def test_proseco_loop_stops_at_a_fixed_point(tiny_model, enc):
 
 @pytest.fixture
 def ckpt(tmp_path, tiny_model, enc):
-    from model import save_checkpoint
+    from common import save_checkpoint
     path = str(tmp_path / "base.pt")
     save_checkpoint(path, model=tiny_model.state_dict(), model_args=vars(tiny_model.config),
                     tokenizer_id=data.tokenizer_id(enc))
@@ -294,7 +294,7 @@ def ckpt(tmp_path, tiny_model, enc):
 
 @pytest.fixture
 def head_ckpt(tmp_path, tiny_model, enc):
-    from model import model_fingerprint, save_checkpoint
+    from common import model_fingerprint, save_checkpoint
     head = tiny_head(tiny_model)
     path = str(tmp_path / "head.pt")
     save_checkpoint(path, model=head.state_dict(), model_args=vars(head.config), base_fingerprint=model_fingerprint(
@@ -372,7 +372,7 @@ def test_the_shipped_weights_load_and_still_solve_the_tasks(enc):
     import os
 
     from corrector import load_head
-    from model import load_model, model_fingerprint
+    from common import load_model, model_fingerprint
     from sample import SHIPPED
     base, _ = load_model(os.path.join(SHIPPED, "base.pt"), data.tokenizer_id(enc))
     head, ckpt = load_head(os.path.join(SHIPPED, "head.pt"), model_fingerprint(base))

@@ -2,10 +2,8 @@ import torch
 
 import train_base
 import train_head
-from model import load_checkpoint
-
-TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-problems", "4",
-        "--device", "cpu"]
+from common import load_checkpoint
+from conftest import TINY
 
 
 def test_base_training_saves_and_resumes_with_the_same_step_and_optimizer(tmp_path):
@@ -78,7 +76,7 @@ def test_head_training_and_eval_without_a_base_say_what_to_run(tmp_path):
 
 def test_a_head_trained_on_another_base_is_refused(tmp_path):
     from corrector import CorrectionHead, HeadConfig, load_head
-    from model import CheckpointError, save_checkpoint
+    from common import CheckpointError, save_checkpoint
     import pytest
     path = str(tmp_path / "head.pt")
     head = CorrectionHead(HeadConfig(n_embd_in=32, width=16))
@@ -131,7 +129,8 @@ def tiny_checkpoint(path, enc, objective="mdlm"):
     """A base checkpoint as train_base.py writes it, of the TINY architecture, without training."""
     import data
     from conftest import tiny_config
-    from model import GPT, save_checkpoint
+    from common import save_checkpoint
+    from model import GPT
     torch.manual_seed(0)
     model = GPT(tiny_config(enc))
     save_checkpoint(str(path), model=model.state_dict(), optimizer=torch.optim.AdamW(model.parameters()).state_dict(),
