@@ -7,7 +7,7 @@
 #
 # Three stages, each logged with TORCH_LOGS=recompiles,graph_breaks,dynamo:
 #   python train_base.py     the CUDA defaults (8 layers, width 512, batch 512), --max-iters BASE_ITERS
-#   python train_head.py     --max-iters HEAD_ITERS, one tau (each tau is a decoding step compiled anew)
+#   python train_head.py     --max-iters HEAD_ITERS, one tau (to fit the budget)
 #   python eval.py --speed   --num 150 on three reveal rules
 # Checkpoints go to $CKPT (default $OUT), never over out/base.pt or out/head.pt.
 # Each stage stops at its share of BUDGET_S seconds (SIGTERM: train_base.py saves
@@ -61,9 +61,9 @@ stage() {
     return $rc
 }
 
-stage train_base 200 "$PYTHON" train_base.py --out "$CKPT/base.pt" --max-iters "$BASE_ITERS" --eval-every "$BASE_ITERS"
+stage train_base 200 "$PYTHON" train_base.py --out "$CKPT/base.pt" --overwrite --max-iters "$BASE_ITERS" --eval-every "$BASE_ITERS"
 if [ -f "$CKPT/base.pt" ]; then  # a run stopped by its limit has saved one too
-    stage train_head 150 "$PYTHON" train_head.py --base "$CKPT/base.pt" --out "$CKPT/head.pt" \
+    stage train_head 150 "$PYTHON" train_head.py --base "$CKPT/base.pt" --out "$CKPT/head.pt" --overwrite \
         --max-iters "$HEAD_ITERS" --taus 0.9
     stage eval "$BUDGET_S" "$PYTHON" eval.py --speed --num 150 --tokens-per-step 1,4 --thresholds 0.9 \
         --base "$CKPT/base.pt" --head "$CKPT/head.pt" --head-nofca "$CKPT/none.pt" --proseco "$CKPT/none.pt" \
