@@ -30,8 +30,6 @@ from model import most_confident
 class NoRemask:
     """LLaDA's sampler: nothing is ever sent back."""
 
-    uses_hidden = False
-
     def start(self, x):
         return {}
 
@@ -56,8 +54,6 @@ class HeadRemask(NoRemask):
     (the FIFO), and none goes back more than max_per_position times: without that
     cap a token the head distrusts and the model keeps re-predicting loops, and
     under the threshold rule every send-back costs passes."""
-
-    uses_hidden = True
 
     def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=1):
         self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
