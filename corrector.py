@@ -7,7 +7,7 @@ frozen base's penultimate hidden states that says which revealed tokens are wron
     fca_drafts      training examples: the frozen base's own drafts, made with
                     poorer context and judged in richer context (Future-Context
                     Augmentation); fca=False is the no-FCA (PRISM-style) ablation
-    balanced_bce    the head's loss
+    balanced_bce    the head's loss: drafts only, wrong and right weighed equally
 
 How the head is used at inference (tau, K, the check cadence) is decoding
 policy, not architecture: remasking.HeadRemask.
@@ -49,18 +49,22 @@ class CorrectionHead(nn.Module):
 
 
 @torch.no_grad()
-def fca_drafts(base, x0, prompt_len, n_drafts, fca=True, temperature=1.0):
+def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0):
     """One batch of head-training examples from the frozen base's own drafts.
 
-    FCA (METHOD.md 3): draw t and t' in [dt, 1 - t] with dt = n_drafts / gen_len;
-    mask x0 at rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts its
-    n_drafts most confident masked positions of x_{t+t'} (sampled tokens); the
-    drafts are spliced into the richer x_t -> z. With fca=False the drafts are made
-    from x_t itself. Returns (hidden states of the base on z, labels: 1 where a
-    draft differs from x0, drafted: the positions the loss and metrics look at)."""
+    FCA (METHOD.md 3): draw t in [0, 1 - dt) and t' in [dt, 1 - t]; mask x0 at
+    rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts the n_drafts most
+    confident masked positions of x_{t+t'} (sampled tokens; all of them when fewer
+    are masked); the drafts are spliced into the richer x_t -> z. dt is small, so t
+    covers nearly the whole range and the head trains on canvases from nearly empty
+    to nearly full, as it judges them while decoding; the draft count is set apart
+    from dt, so a row still yields enough wrong drafts to learn from (dt = 0.5 with
+    16 drafts is the earlier construction, which never masked more than half).
+    With fca=False the drafts are made from x_t itself. Returns (hidden states of
+    the base on z, labels: 1 where a draft differs from x0, drafted: the positions
+    drafted, visible: every revealed response position of z)."""
     B, T = x0.shape
-    mask_id, gen_len = base.config.mask_id, T - prompt_len
-    dt = n_drafts / gen_len
+    mask_id = base.config.mask_id
     t = (1 - dt) * torch.rand(B, device=x0.device)
     x_t, _ = mask_response(x0, prompt_len, t, mask_id)
     draft_from = x_t
@@ -73,7 +77,8 @@ def fca_drafts(base, x0, prompt_len, n_drafts, fca=True, temperature=1.0):
     drafted = most_confident(confidence, draft_from == mask_id, k)
     z = torch.where(drafted, x_hat, x_t)  # drafts now sit among x_t's ground-truth context
     _, hidden = base(z, return_hidden=True)
-    return hidden, (z != x0) & drafted, drafted
+    visible = (z != mask_id) & (torch.arange(T, device=z.device) >= prompt_len)
+    return hidden, (z != x0) & drafted, drafted, visible
 
 
 def balanced_bce(logits, labels, where):

@@ -10,8 +10,9 @@ The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
 under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts)
 and trains only the head, with the rare 'wrong' class weighted up. At the end
 the head reports, on held-out validation drafts made the same way, its AUROC,
-the positive rate and precision/recall at tau (on FCA drafts and on what the
-sampler writes at 4 tokens per step), and tau is picked
+the positive rate and precision/recall at tau (on FCA drafts, and on the
+canvases the sampler writes at 4 tokens per step: mid-decoding, by how much is
+still masked, and finished), and tau is picked
 on validation problems by decoding accuracy at 4 tokens per step.
 """
 
@@ -24,6 +25,7 @@ from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -48,7 +50,12 @@ def get_args(argv=None):
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--draft-tokens", type=int, default=16,
-                   help="tokens drafted at once per example (gen_len * dt): the trained base rarely errs with fewer")
+                   help="tokens drafted at once per example: the trained base rarely errs with fewer")
+    p.add_argument("--fca-dt", type=float, default=1 / 32,
+                   help="FCA's dt: t is drawn in [0, 1 - dt), so the head sees canvases up to 1 - dt masked "
+                        "(0.5 is the earlier construction)")
+    p.add_argument("--loss", choices=("balanced", "plain"), default="balanced",
+                   help="balanced BCE on the drafts, or plain BCE on every revealed response token")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=int, default=1, help="head init and drafts")
@@ -73,6 +80,7 @@ def check_args(args):
                         f"a positive multiple of the head's {HeadConfig.n_head} attention heads"),
                        ("--n-layer", args.n_layer >= 1, "at least 1"),
                        ("--draft-tokens", 1 <= args.draft_tokens <= data.GEN_LEN, f"between 1 and {data.GEN_LEN}"),
+                       ("--fca-dt", 0 < args.fca_dt < 1, "between 0 and 1"),
                        ("--taus", taus and all(0 <= t <= 1 for t in taus), "comma-separated numbers between 0 and 1"),
                        ("--val-problems", args.val_problems >= 1, "at least 1")])
     for task in data.TASKS:  # ValueError now, not after training, if the split is too small
@@ -81,7 +89,7 @@ def check_args(args):
 
 
 @torch.no_grad()
-def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch_size=128):
+def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, dt, batches=8, batch_size=128):
     """AUROC, positive rate, precision and recall at tau on held-out (validation) drafts."""
     rng = random.Random(0)
     state = torch.get_rng_state()
@@ -90,7 +98,7 @@ def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, batches=8, batch
     device = next(base.parameters()).device
     for x0 in (x for _ in range(batches) for x in data.get_batch(enc, batch_size, rng, split="val")):
         with ctx:
-            hidden, wrong, drafted = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, n_drafts, fca=fca)
+            hidden, wrong, drafted, _ = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, n_drafts, dt, fca)
             p_wrong = torch.sigmoid(head(hidden).float())
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
@@ -107,24 +115,38 @@ def detection_figures(scores, wrong, tau):
 
 
 @torch.no_grad()
-def decoded_drafts_metrics(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
-    """The same figures on what the sampler itself writes: held-out problems decoded
-    by the base alone at tokens_per_step, the head scoring the finished canvas. A
-    token is wrong where it differs from the valid response closest to its row
-    (none is, when the verifier accepts the row)."""
-    device = next(base.parameters()).device
-    scores, labels = [], []
+def decoding_detection(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
+    """The same figures on the canvases the head judges while decoding: held-out
+    problems decoded by the base alone at tokens_per_step, the head scoring the
+    revealed tokens of every step's pre-reveal canvas, split by how much of the
+    response is still masked, and the finished canvas. A token is wrong where it
+    differs from the valid response closest to its finished row (none is, when the
+    verifier accepts it): without send-backs a revealed token never changes."""
+    device, mask_id = next(base.parameters()).device, base.config.mask_id
+    bins = {"over half masked": (0.5, 1.0), "a quarter to half masked": (0.25, 0.5), "under a quarter masked": (0, 0.25)}
+    scores, labels = {name: [] for name in [*bins, "finished"]}, {name: [] for name in [*bins, "finished"]}
     for task in data.TASKS:  # one task per batch: its prompts share a width
         problems = data.fixed_problems(task, "val", n)
         prompts = data.encode_prompts(enc, [p.prompt for p in problems]).to(device)
+        canvases = []
         with ctx:
-            out, _ = generate(base, prompts, FixedSchedule(data.GEN_LEN // tokens_per_step), eos_id=enc.eos)
-            p_wrong = torch.sigmoid(head(base(out, return_hidden=True)[1]).float())[:, -data.GEN_LEN:].cpu()
+            out, _ = generate(base, prompts, FixedSchedule(data.GEN_LEN // tokens_per_step), eos_id=enc.eos,
+                              on_step=lambda before, after, _: canvases.append((before, (before != after).any(1))))
         drafts = out[:, -data.GEN_LEN:].cpu()
         right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
-        scores.append(p_wrong.flatten())
-        labels += [wrong_tokens(enc, problem, row, ok) for row, problem, ok in zip(drafts, problems, right)]
-    return detection_figures(torch.cat(scores), torch.stack(labels).flatten(), tau)
+        wrong = torch.stack([wrong_tokens(enc, p, row, ok) for row, p, ok in zip(drafts, problems, right)])
+        for canvas, active in canvases + [(out, torch.ones(len(out), dtype=torch.bool, device=device))]:
+            with ctx:
+                p_wrong = torch.sigmoid(head(base(canvas, return_hidden=True)[1]).float())[:, -data.GEN_LEN:].cpu()
+            response = canvas[:, -data.GEN_LEN:].cpu()
+            judged = (response != mask_id) & active.cpu()[:, None]
+            masked = (response == mask_id).float().mean(1, keepdim=True).expand_as(response)
+            where = {"finished": judged} if canvas is out else \
+                {name: judged & (masked > lo) & (masked <= hi) for name, (lo, hi) in bins.items()}
+            for name, w in where.items():
+                scores[name].append(p_wrong[w])
+                labels[name].append(wrong[w])
+    return {name: detection_figures(torch.cat(scores[name]), torch.cat(labels[name]), tau) for name in scores}
 
 
 def wrong_tokens(enc, problem, row, accepted):
@@ -203,16 +225,19 @@ def main(argv=None):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
-            logits, wrong, drafted = [], [], []
+            logits, wrong, drafted, visible = [], [], [], []
             with ctx:
                 for x0 in data.get_batch(enc, args.batch_size, rng):  # one tensor per task: their widths differ
-                    hidden, w, d = fca_drafts(drafts_base, x0.to(args.device), x0.shape[1] - data.GEN_LEN,
-                                              args.draft_tokens, fca=not args.no_fca)
+                    hidden, w, d, v = fca_drafts(drafts_base, x0.to(args.device), x0.shape[1] - data.GEN_LEN,
+                                                 args.draft_tokens, args.fca_dt, fca=not args.no_fca)
                     logits.append(train_step_head(hidden.float()).flatten())
                     wrong.append(w.flatten())
                     drafted.append(d.flatten())
-                wrong, drafted = torch.cat(wrong), torch.cat(drafted)
-                loss = balanced_bce(torch.cat(logits), wrong, drafted)
+                    visible.append(v.flatten())
+                wrong, drafted, visible = torch.cat(wrong), torch.cat(drafted), torch.cat(visible)
+                logits = torch.cat(logits)
+                loss = balanced_bce(logits, wrong, drafted) if args.loss == "balanced" else \
+                    F.binary_cross_entropy_with_logits(logits[visible].float(), wrong[visible].float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in head.parameters() if p.grad is not None])
@@ -234,8 +259,8 @@ def main(argv=None):
     if master:
         policy, by_tau = pick_remasking(base, head, enc, numbers(args.taus, float), args.val_problems, ctx)
         tau = policy.tau
-        metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens)
-        decoded = decoded_drafts_metrics(base, head, enc, tau, ctx)
+        metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens, args.fca_dt)
+        decoded = decoding_detection(base, head, enc, tau, ctx)
         save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
                         tokenizer_id=data.tokenizer_id(enc), metrics=metrics, decoded_metrics=decoded,
                         remasking=policy.settings(), val_accuracy=[[t, a] for t, a in by_tau.items()],
@@ -243,7 +268,7 @@ def main(argv=None):
         print("validation accuracy at 4 tokens/step by tau: " + ", ".join(f"{t} {a:.1%}" for t, a in by_tau.items())
               + f"; picked tau={tau}")
         for what, m in [(f"held-out FCA drafts ({args.draft_tokens} at once)", metrics),
-                        ("held-out problems decoded at 4 tokens/step", decoded)]:
+                        *((f"problems decoded at 4 tokens/step, {name}", m) for name, m in decoded.items())]:
             print(f"{what}: AUROC {m['auroc']:.3f}, positive rate {m['positive_rate']:.1%}, precision "
                   f"{m['precision']:.1%} and recall {m['recall']:.1%} at tau={tau} ({m['drafts']} tokens)")
         print(f"saved {args.out} after {time.time() - t_start:.0f} s")
