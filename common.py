@@ -85,10 +85,19 @@ def _first_line(error, width):
 
 
 def kind_of(ckpt):
-    """What a checkpoint holds: 'head' (train_head.py), or the base's objective, 'mdlm' or 'proseco'."""
+    """What a checkpoint holds: 'head' (train_head.py), or the base's objective, 'mdlm',
+    'proseco' or 'ar' (the autoregressive reference)."""
     if "base_fingerprint" in ckpt:
         return "head"
     return (ckpt.get("config") or {}).get("objective", "mdlm")
+
+
+DIFFUSION = ("mdlm", "proseco")  # the kinds the diffusion decoders (sample.py, eval.py, train_head.py) accept
+
+
+def a_kind(kind):
+    """`kind` with its article, for messages: 'a mdlm', 'an ar'."""
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def check_output_path(path, kind, inputs=None, replace=False, how="pass --overwrite to replace it"):
@@ -109,7 +118,8 @@ def check_output_path(path, kind, inputs=None, replace=False, how="pass --overwr
         except CheckpointError:
             existing = None  # not a checkpoint: replace decides
         if existing is not None and existing != kind:
-            raise CheckpointError(f"{path} holds a {existing} checkpoint; this run writes a {kind} checkpoint")
+            raise CheckpointError(f"{path} holds {a_kind(existing)} checkpoint; "
+                                  f"this run writes {a_kind(kind)} checkpoint")
         if not replace:
             what = f"a trained {kind} checkpoint" if existing else "a file that is not a checkpoint"
             raise CheckpointError(f"{path} already holds {what}; {how}")
@@ -124,9 +134,13 @@ def check_output_path(path, kind, inputs=None, replace=False, how="pass --overwr
         raise CheckpointError(f"cannot write {path}: {e.strerror or e}")
 
 
-def load_model(path, tokenizer_id=None, made_by="python train_base.py"):
-    """A GPT rebuilt from a checkpoint, in eval mode, refusing another tokenizer."""
+def load_model(path, tokenizer_id=None, made_by="python train_base.py", kinds=DIFFUSION):
+    """A GPT rebuilt from a checkpoint, in eval mode, refusing another tokenizer and any
+    kind (see kind_of) not in `kinds`: a diffusion decoder never runs the AR model, nor the reverse."""
     ckpt = load_checkpoint(path, made_by)
+    if kind_of(ckpt) not in kinds:
+        raise CheckpointError(f"{path} holds {a_kind(kind_of(ckpt))} checkpoint; "
+                              f"this needs {' or '.join(map(a_kind, kinds))} checkpoint")
     if tokenizer_id is not None and ckpt.get("tokenizer_id") != tokenizer_id:
         raise CheckpointError(f"{path} was trained with tokenizer {ckpt.get('tokenizer_id')}, "
                               f"this code builds tokenizer {tokenizer_id}")

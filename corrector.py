@@ -49,7 +49,7 @@ class CorrectionHead(nn.Module):
 
 
 @torch.no_grad()
-def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0):
+def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, references=None):
     """One batch of head-training examples from the frozen base's own drafts.
 
     FCA (METHOD.md 3): draw t in [0, 1 - dt) and t' in [dt, 1 - t]; mask x0 at
@@ -60,9 +60,15 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0):
     to nearly full, as it judges them while decoding; the draft count is set apart
     from dt, so a row still yields enough wrong drafts to learn from (dt = 0.5 with
     16 drafts is the earlier construction, which never masked more than half).
-    With fca=False the drafts are made from x_t itself. Returns (hidden states of
-    the base on z, labels: 1 where a draft differs from x0, drafted: the positions
-    drafted, visible: every revealed response position of z)."""
+    With fca=False the drafts are made from x_t itself.
+
+    Labels: a draft is wrong where it differs from x0, or, given `references` (B, R,
+    GEN_LEN), every valid response of each row's prompt, from the one that agrees
+    most with z's revealed response tokens: a prompt has several valid answers, and
+    on a canvas that shows little, a draft from another valid answer is not an
+    error. Returns (hidden states of the base on z, labels: 1 where a draft is
+    wrong, drafted: the positions drafted, visible: every revealed response
+    position of z)."""
     B, T = x0.shape
     mask_id = base.config.mask_id
     t = (1 - dt) * torch.rand(B, device=x0.device)
@@ -78,7 +84,14 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0):
     z = torch.where(drafted, x_hat, x_t)  # drafts now sit among x_t's ground-truth context
     _, hidden = base(z, return_hidden=True)
     visible = (z != mask_id) & (torch.arange(T, device=z.device) >= prompt_len)
-    return hidden, (z != x0) & drafted, drafted, visible
+    target = x0[:, prompt_len:]
+    if references is not None:
+        shown, response = visible[:, None, prompt_len:], z[:, None, prompt_len:]
+        closest = ((references != response) & shown).sum(-1).argmin(1)  # (B,): fewest disagreements
+        target = references[torch.arange(B, device=z.device), closest]
+    wrong = torch.zeros_like(drafted)
+    wrong[:, prompt_len:] = (z[:, prompt_len:] != target) & drafted[:, prompt_len:]
+    return hidden, wrong, drafted, visible
 
 
 def balanced_bce(logits, labels, where):

@@ -5,6 +5,7 @@ training loss (checkpoints and training infrastructure live in common.py).
 No causal mask and no time conditioning (MDLM default, LLaDA): the model infers
 how noisy its input is from the <|mask|> tokens it sees. forward() can also
 return the penultimate block's hidden states, which the correction head reads.
+causal=True makes the same network the autoregressive reference (autoregressive.py).
 """
 
 import math
@@ -23,6 +24,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 192
     dropout: float = 0.0
+    causal: bool = False  # True: left-to-right attention, the autoregressive twin
 
     @property
     def mask_id(self):
@@ -30,9 +32,9 @@ class GPTConfig:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, dropout=0.0):
+    def __init__(self, n_embd, n_head, dropout=0.0, causal=False):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        self.n_head, self.dropout, self.causal = n_head, dropout, causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
@@ -40,15 +42,15 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=False)  # bidirectional
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)  # causal: the AR twin
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, dropout=0.0):
+    def __init__(self, n_embd, n_head, dropout=0.0, causal=False):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
-        self.attn = SelfAttention(n_embd, n_head, dropout)
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
                                  nn.Dropout(dropout))
 
@@ -63,7 +65,8 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config.n_embd, config.n_head, config.dropout, config.causal)
+                                    for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT

@@ -1,9 +1,11 @@
 """
-Train the masked diffusion LM from scratch on both task families.
+Train the masked diffusion LM from scratch on both task families (or, with
+--objective ar, the same network as an autoregressive reference: autoregressive.py).
 
     python train_base.py                      # CPU default: ~28 minutes on 2 cores
     python train_base.py --resume             # continue out/base.pt, its data stream included
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
+    python train_base.py --objective ar       # the autoregressive reference, same network -> out/ar.pt
     torchrun --nproc_per_node=2 train_base.py # DistributedDataParallel, one data stream per rank
 
 One flat loop: batch, forward, backward, step, log, evaluate, checkpoint. The
@@ -27,31 +29,35 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
+import autoregressive
 import data
-from common import (CheckpointError, check_flags, check_output_path, finish_distributed, kind_of, load_checkpoint,
-                    lr_at, peak_flops, pick_device, save_checkpoint, setup_distributed, uninterrupted)
+from common import (CheckpointError, a_kind, check_flags, check_output_path, finish_distributed, kind_of,
+                    load_checkpoint, lr_at, peak_flops, pick_device, save_checkpoint, setup_distributed, uninterrupted)
 from model import GPT, GPTConfig, mdlm_loss, proseco_loss
 from sample import FixedSchedule, decode_problems
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objective", choices=["mdlm", "proseco"], default="mdlm",
-                   help="mdlm: the masked diffusion loss; proseco: jointly trained to unmask and correct")
-    p.add_argument("--out", default=None, help="checkpoint path (default: out/base.pt, or out/proseco.pt)")
+    p.add_argument("--objective", choices=["mdlm", "proseco", "ar"], default="mdlm",
+                   help="mdlm: the masked diffusion loss; proseco: jointly trained to unmask and correct; "
+                        "ar: the same network, causal, on next-token loss (autoregressive.py)")
+    p.add_argument("--out", default=None, help="checkpoint path (default: out/base.pt, out/proseco.pt or out/ar.pt)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--n-layer", type=int, default=None, help="transformer blocks (default: 4 on CPU, 8 on CUDA)")
     p.add_argument("--n-embd", type=int, default=None, help="width (default: 192 on CPU, 512 on CUDA)")
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default: 6 on CPU, 8 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 128 CPU, 512 CUDA)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="optimizer steps (default: 2400 CPU, 4000 CUDA; half for proseco, whose step costs two)")
+                   help="optimizer steps (default: 2400 CPU, 4000 CUDA, ar as mdlm; half for proseco, "
+                        "whose step costs two)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--elbo-weight", action="store_true", help="weight the loss by 1/t (the MDLM bound) instead of mean CE")
+    p.add_argument("--elbo-weight", action="store_true",
+                   help="weight the loss by 1/t (the MDLM bound) instead of mean CE; not for ar")
     p.add_argument("--eval-every", type=int, default=400, help="steps between validation and checkpoint")
     p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
     p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
@@ -75,7 +81,9 @@ def check_args(args):
                        ("--grad-clip", math.isfinite(args.grad_clip) and args.grad_clip > 0, "a finite number above 0"),
                        ("--eval-every", args.eval_every >= 1, "at least 1"),
                        ("--eval-problems", args.eval_problems >= 1, "at least 1"),
-                       ("--level", args.level in (1, 2, 3), "1, 2 or 3")])
+                       ("--level", args.level in (1, 2, 3), "1, 2 or 3"),
+                       ("--elbo-weight", not (args.elbo_weight and args.objective == "ar"),
+                        "left off with --objective ar, whose loss has no t")])
     for task in data.TASKS:  # ValueError now, not at the first validation, if the split is too small
         data.fixed_problems(task, "val", args.eval_problems, args.level)
     check_output_path(args.out, args.objective, replace=args.resume or args.overwrite,
@@ -87,7 +95,7 @@ def checkpoint_to_resume(args, given, enc):
     objective, this tokenizer and the architecture flags given (naming both sides)."""
     ckpt = load_checkpoint(args.out, made_by="python train_base.py")
     if kind_of(ckpt) != args.objective:
-        raise CheckpointError(f"cannot resume: {args.out} is a {kind_of(ckpt)} checkpoint, "
+        raise CheckpointError(f"cannot resume: {args.out} is {a_kind(kind_of(ckpt))} checkpoint, "
                               f"this run trains --objective {args.objective}")
     if ckpt.get("tokenizer_id") != data.tokenizer_id(enc):
         raise CheckpointError(f"cannot resume: {args.out} was made with tokenizer {ckpt.get('tokenizer_id')}, "
@@ -109,24 +117,36 @@ def batch_loss(loss_fn, model, batches, enc, args):
                for x0 in batches) / sum(len(x0) for x0 in batches)
 
 
+def loss_of(objective):
+    """The training loss of an objective, as batch_loss calls it."""
+    if objective == "ar":
+        return lambda model, x0, prompt_len, *_: autoregressive.ar_loss(model, x0, prompt_len)
+    return proseco_loss if objective == "proseco" else lambda *a: mdlm_loss(*a)[0]
+
+
 @torch.no_grad()
 def validate(model, enc, args, ctx):
-    """Validation loss on fixed batches and exact accuracy per task at one token per step."""
+    """Validation loss on fixed batches and exact accuracy per task at one token per step
+    (the AR model: its own loss, and greedy left-to-right decoding)."""
     model.eval()
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     state = torch.get_rng_state()
     torch.manual_seed(0)  # the same masks every time: the loss is comparable across evaluations
+    val_loss = loss_of("ar" if args.objective == "ar" else "mdlm")  # proseco: its masked loss alone
     losses = []
     for _ in range(4):
         batches = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level)
         with ctx:
-            losses.append(batch_loss(lambda *a: mdlm_loss(*a)[0], model, batches, enc, args).item())
+            losses.append(batch_loss(val_loss, model, batches, enc, args).item())
     torch.set_rng_state(state)
     acc = {}
     for task in data.TASKS:
         problems = data.fixed_problems(task, "val", args.eval_problems, args.level)
         with ctx:
-            responses, _ = decode_problems(model, enc, problems, FixedSchedule(data.GEN_LEN), generator=gen)
+            if args.objective == "ar":
+                responses, _ = autoregressive.decode_problems(model, enc, problems)
+            else:
+                responses, _ = decode_problems(model, enc, problems, FixedSchedule(data.GEN_LEN), generator=gen)
         acc[task] = sum(data.score(problems, responses)) / len(problems)
     model.train()
     return sum(losses) / len(losses), acc
@@ -151,7 +171,7 @@ def main(argv=None):
             if name == "max_iters" and args.objective == "proseco":
                 args.max_iters //= 2  # two forward/backward passes a step: the same wall-clock budget
     if args.out is None:
-        args.out = "out/proseco.pt" if args.objective == "proseco" else "out/base.pt"
+        args.out = {"mdlm": "out/base.pt", "proseco": "out/proseco.pt", "ar": "out/ar.pt"}[args.objective]
     enc = data.get_tokenizer()
     ckpt = None
     try:
@@ -160,7 +180,7 @@ def main(argv=None):
         check_args(args)
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    loss_fn = proseco_loss if args.objective == "proseco" else lambda *a: mdlm_loss(*a)[0]
+    loss_fn = loss_of(args.objective)
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
     if cuda:
@@ -169,7 +189,7 @@ def main(argv=None):
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     config = GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
     start_iter, best_val = 0, float("-inf")
     if ckpt is not None:
         config = GPTConfig(**ckpt["model_args"])

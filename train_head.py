@@ -54,6 +54,9 @@ def get_args(argv=None):
     p.add_argument("--fca-dt", type=float, default=1 / 32,
                    help="FCA's dt: t is drawn in [0, 1 - dt), so the head sees canvases up to 1 - dt masked "
                         "(0.5 is the earlier construction)")
+    p.add_argument("--labels", choices=("closest", "x0"), default="closest",
+                   help="a draft is wrong against the valid response closest to the canvas, or against the one "
+                        "response the row was drawn with (x0)")
     p.add_argument("--loss", choices=("balanced", "plain"), default="balanced",
                    help="balanced BCE on the drafts, or plain BCE on every revealed response token")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
@@ -89,21 +92,27 @@ def check_args(args):
 
 
 @torch.no_grad()
-def detection_metrics(base, head, enc, tau, ctx, fca, n_drafts, dt, batches=8, batch_size=128):
+def detection_metrics(base, head, enc, tau, ctx, args, batches=8, batch_size=128):
     """AUROC, positive rate, precision and recall at tau on held-out (validation) drafts."""
     rng = random.Random(0)
     state = torch.get_rng_state()
     torch.manual_seed(0)
     scores, labels = [], []
     device = next(base.parameters()).device
-    for x0 in (x for _ in range(batches) for x in data.get_batch(enc, batch_size, rng, split="val")):
+    for x0, refs in (b for _ in range(batches) for b in data.get_batch_with_references(enc, batch_size, rng, "val")):
         with ctx:
-            hidden, wrong, drafted, _ = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, n_drafts, dt, fca)
+            hidden, wrong, drafted, _ = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, args.draft_tokens,
+                                                   args.fca_dt, not args.no_fca, references=labels_from(refs, args))
             p_wrong = torch.sigmoid(head(hidden).float())
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
     torch.set_rng_state(state)
     return detection_figures(torch.cat(scores), torch.cat(labels), tau)
+
+
+def labels_from(references, args):
+    """What fca_drafts labels against: every valid response (--labels closest) or x0 alone (None)."""
+    return references.to(args.device) if args.labels == "closest" else None
 
 
 def detection_figures(scores, wrong, tau):
@@ -227,9 +236,10 @@ def main(argv=None):
                 group["lr"] = lr_at(it, args)
             logits, wrong, drafted, visible = [], [], [], []
             with ctx:
-                for x0 in data.get_batch(enc, args.batch_size, rng):  # one tensor per task: their widths differ
+                for x0, refs in data.get_batch_with_references(enc, args.batch_size, rng):  # a tensor per task
                     hidden, w, d, v = fca_drafts(drafts_base, x0.to(args.device), x0.shape[1] - data.GEN_LEN,
-                                                 args.draft_tokens, args.fca_dt, fca=not args.no_fca)
+                                                 args.draft_tokens, args.fca_dt, not args.no_fca,
+                                                 references=labels_from(refs, args))
                     logits.append(train_step_head(hidden.float()).flatten())
                     wrong.append(w.flatten())
                     drafted.append(d.flatten())
@@ -259,7 +269,7 @@ def main(argv=None):
     if master:
         policy, by_tau = pick_remasking(base, head, enc, numbers(args.taus, float), args.val_problems, ctx)
         tau = policy.tau
-        metrics = detection_metrics(base, head, enc, tau, ctx, not args.no_fca, args.draft_tokens, args.fca_dt)
+        metrics = detection_metrics(base, head, enc, tau, ctx, args)
         decoded = decoding_detection(base, head, enc, tau, ctx)
         save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
                         tokenizer_id=data.tokenizer_id(enc), metrics=metrics, decoded_metrics=decoded,

@@ -1,18 +1,28 @@
 import json
+import shutil
 
 import pytest
 
 import eval as evaluate
+import report
 import train_base
 import train_head
 from conftest import TINY
 
 
-def test_eval_compares_every_method_at_equal_forward_passes(tmp_path):
-    base, head, out = str(tmp_path / "base.pt"), str(tmp_path / "head.pt"), str(tmp_path / "eval.json")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny base and a head whose tau=0 sends back all it may: (base path, head path)."""
+    d = tmp_path_factory.mktemp("run")
+    base, head = str(d / "base.pt"), str(d / "head.pt")
     train_base.main(TINY + ["--out", base, "--max-iters", "2", "--eval-every", "2"])
     train_head.main(["--base", base, "--out", head, "--max-iters", "2", "--batch-size", "8", "--val-problems", "2",
                      "--width", "16", "--taus", "0.0", "--device", "cpu"])
+    return base, head
+
+
+def test_eval_compares_every_method_at_equal_forward_passes(tmp_path, tiny_run):
+    (base, head), out = tiny_run, str(tmp_path / "eval.json")
     evaluate.main(["--base", base, "--head", head, "--head-nofca", head, "--proseco", str(tmp_path / "none.pt"),
                    "--num", "4", "--tokens-per-step", "4", "--thresholds", "0.5", "--out", out])
     result = json.load(open(out))
@@ -24,6 +34,41 @@ def test_eval_compares_every_method_at_equal_forward_passes(tmp_path):
         assert rows[task, "fixed", "dsc"]["remasked_per_problem"] > 0
         assert rows[task, "fixed", "random"]["remasked_per_problem"] == rows[task, "fixed", "dsc"]["remasked_per_problem"]
         assert len(rows[task, "threshold", "base"]["right"]) == 4
+        lo, hi = rows[task, "fixed", "dsc"]["interval"]
+        assert lo <= rows[task, "fixed", "dsc"]["accuracy"] <= hi
+
+
+def test_eval_reads_several_runs_and_compares_on_each(tmp_path, tiny_run, capsys):
+    base, head = tiny_run
+    runs = [tmp_path / "seed_a", tmp_path / "seed_b"]
+    for run in runs:
+        run.mkdir()
+        shutil.copy(base, run / "base.pt")
+        shutil.copy(head, run / "head.pt")
+    out = str(tmp_path / "eval.json")
+    evaluate.main(["--runs", *map(str, runs), "--num", "4", "--tokens-per-step", "1,4", "--thresholds", "", "--out", out])
+    result = json.load(open(out))
+    assert {r["run"] for r in result["rows"]} == set(map(str, runs))
+    claims = {(c["run"], c["task"], c["metric"], tuple(c["a"]), tuple(c["b"])) for c in result["comparisons"]}
+    for run in map(str, runs):
+        assert (run, "math", "strict", ("dsc", "fixed", 4), ("random", "fixed", 4)) in claims
+        assert (run, "code", "final", ("dsc", "fixed", 4), ("base", "fixed", 1)) in claims
+    assert "across 2 runs" in capsys.readouterr().out
+
+
+def test_the_interval_of_an_accuracy_matches_the_normal_approximation():
+    # p = 0.5 on 100 problems: 0.5 -+ 1.96 * sqrt(0.25 / 100) = (0.402, 0.598)
+    lo, hi = report.interval([1] * 50 + [0] * 50)
+    assert abs(lo - 0.402) < 0.015 and abs(hi - 0.598) < 0.015
+
+
+def test_a_paired_interval_sees_only_the_problems_on_which_two_decoders_differ():
+    # a beats b on 10 of 100 problems and agrees elsewhere: 0.1 -+ 1.96 * sqrt(0.09 / 100) = (0.041, 0.159),
+    # where unpaired accuracies of 0.6 and 0.5 would each be about -+ 0.1 wide
+    a, b = [1] * 60 + [0] * 40, [1] * 50 + [0] * 50
+    lo, hi = report.interval(a, baseline=b)
+    assert abs(lo - 0.041) < 0.015 and abs(hi - 0.159) < 0.015
+    assert report.interval(a, baseline=a) == [0.0, 0.0]
 
 
 def test_summary_is_the_fewest_mean_passes_within_two_points_of_the_base_at_one_token_per_step():
@@ -32,7 +77,7 @@ def test_summary_is_the_fewest_mean_passes_within_two_points_of_the_base_at_one_
     rows = [row("base", "fixed", 0.90, 20.0, k=1), row("base", "fixed", 0.80, 5.0, k=4),
             row("base", "threshold", 0.885, 7.5), row("base", "threshold", 0.87, 6.0),
             row("dsc", "threshold", 0.95, 4.0), row("dsc", "fixed", 0.70, 3.0, k=8), row("remdm", "fixed", 0.5, 4.0, k=8)]
-    assert evaluate.summary(rows) == {("math", "base"): 7.5, ("math", "dsc"): 4.0, ("math", "remdm"): None}
+    assert report.summary(rows) == {("math", "base"): 7.5, ("math", "dsc"): 4.0, ("math", "remdm"): None}
 
 
 def test_eval_refuses_a_block_length_that_does_not_fit_a_budget(tmp_path):

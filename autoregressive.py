@@ -1,0 +1,135 @@
+"""
+The autoregressive (AR) reference: the same network as the diffusion base
+(model.GPT, its size and data), with causal attention, trained on next-token
+cross-entropy and decoded left to right, one token per pass. It is what a reader
+will ask the diffusion model to beat: an AR decoder makes no dependency errors
+by construction (each token is chosen knowing every token before it), at the
+price of one pass per token; the diffusion model reveals several tokens per pass
+and must then correct the mixtures that come of it.
+
+    python train_base.py --objective ar   # trains it -> out/ar.pt
+
+Positions: GPT.forward counts positions back from the canvas end, so the AR model
+is trained on the whole prompt + GEN_LEN canvas (the logits at column i predict
+column i + 1) and decoded on a canvas of the same width: every token has the same
+position when trained on and when decoded.
+"""
+
+import torch
+import torch.nn.functional as F
+
+import data
+from common import load_model
+
+
+def ar_loss(model, x0, prompt_len):
+    """Next-token cross-entropy on the response: token i predicted from the tokens
+    before it, for every i >= prompt_len, mean over those positions. The whole canvas
+    goes in (the last column's logits are unused) so positions are those of decoding."""
+    logits = model(x0)
+    return F.cross_entropy(logits[:, prompt_len - 1:-1].float().transpose(1, 2), x0[:, prompt_len:])
+
+
+def load_ar(path, tokenizer_id=None):
+    """(model, checkpoint) of an AR checkpoint, refusing a diffusion one in one line."""
+    return load_model(path, tokenizer_id, made_by="python train_base.py --objective ar", kinds=("ar",))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, eos_id=None, cache=True):
+    """Greedy decoding of GEN_LEN response tokens after (B, P) prompt ids; the model
+    should be in eval mode. Returns (tokens (B, P + GEN_LEN), forward passes per row (B,)).
+
+    cache=True: one pass over the prompt (it gives the first token), then one
+    single-token pass per new token, reading the keys and values cached so far.
+    cache=False, the reference: every step reruns the whole canvas; the columns after
+    the prefix cannot reach it (causal attention), so this is the prefix's forward
+    pass, with GPT.forward's own positions. With eos_id, a row that has produced EOS
+    is filled with EOS and stops costing passes. The mask token is never produced
+    (GPT's never_mask)."""
+    if not model.config.causal:
+        raise ValueError("autoregressive decoding needs a causal model (train_base.py --objective ar)")
+    B, P = prompt_ids.shape
+    width = P + data.GEN_LEN
+    fill = model.config.mask_id if eos_id is None else eos_id  # not yet written, or after the answer's end
+    x = torch.cat([prompt_ids, torch.full((B, data.GEN_LEN), fill, device=prompt_ids.device)], dim=1)
+    passes = torch.zeros(B, dtype=torch.long, device=x.device)
+    active = torch.ones(B, dtype=torch.bool, device=x.device)
+    kv = [None] * len(model.blocks)  # per block, the (keys, values) of every column fed so far
+    for i in range(P, width):  # column i is predicted from columns < i
+        if not cache:
+            logits = model(x)[:, i - 1]
+        elif i == P:
+            logits = _forward_cached(model, x[:, :P], 0, width, kv)[:, -1]
+        else:
+            logits = _forward_cached(model, x[:, i - 1:i], i - 1, width, kv)[:, -1]
+        token = logits.argmax(-1)
+        passes += active
+        x[:, i] = torch.where(active, token, fill)
+        if eos_id is not None:
+            active &= token != eos_id
+            if not active.any():  # one host sync per token: every answer has ended
+                break
+    return x, passes
+
+
+def _forward_cached(model, idx, start, width, kv):
+    """GPT.forward for the tokens idx (B, T) at columns start .. start + T - 1 of a canvas
+    `width` columns wide, attending to the keys and values in kv (one (k, v) per block,
+    or None) and appending their own. Either the first pass (kv empty, T tokens
+    attending causally among themselves) or one token attending to every cached column
+    and itself. The same modules and order as GPT.forward and Block.forward."""
+    B, T = idx.shape
+    pos = torch.arange(start, start + T, device=idx.device) + model.config.block_size - width  # as GPT.forward
+    x = model.wte(idx) + model.wpe(pos)
+    for j, block in enumerate(model.blocks):
+        attn, h = block.attn, block.ln1(x)
+        C = h.shape[-1]
+        q, k, v = attn.qkv(h).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
+        if kv[j] is not None:
+            k, v = torch.cat([kv[j][0], k], dim=2), torch.cat([kv[j][1], v], dim=2)
+        kv[j] = (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # T > 1: the first pass, nothing cached
+        x = x + attn.proj(y.transpose(1, 2).reshape(B, T, C))
+        x = x + block.mlp(block.ln2(x))
+    return model.lm_head(model.ln_f(x)) + model.never_mask
+
+
+def decode_problems(model, enc, problems, batch_size=256, cache=True):
+    """Greedy AR answers to each problem, EOS stop; returns (response texts, forward
+    passes per problem). Prompts are batched with others of their width, as trained."""
+    device = next(model.parameters()).device
+    responses, passes = [None] * len(problems), [0] * len(problems)
+    encoded, by_width = [data.encode_prompt(enc, p.prompt) for p in problems], {}
+    for i, ids in enumerate(encoded):
+        by_width.setdefault(len(ids), []).append(i)
+    for rows in by_width.values():
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j:j + batch_size]
+            out, row_passes = generate(model, torch.tensor([encoded[i] for i in chunk], device=device),
+                                       eos_id=enc.eos, cache=cache)
+            for i, row, n in zip(chunk, out, row_passes.tolist()):
+                responses[i], passes[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist()), n
+    return responses, passes
+
+
+def flops_per_answer(model, prompt_len, passes):
+    """Forward FLOPs to answer one prompt of prompt_len columns in `passes` forward
+    passes (a number or a tensor), counted as nanoGPT counts them: 2N per token fed
+    through the network (N = model.num_params()) and 4 * n_layer * n_embd per
+    (query, key) pair attended (QK^T and AV, 2 * n_embd each).
+
+    Causal model, the cached decoder: the n passes feed T = P + n - 1 tokens once
+    each (the last token produced is never fed), each attending to itself and those
+    before it: 2N * T + 4 * n_layer * n_embd * T(T + 1)/2.
+    Diffusion model: every pass feeds the whole canvas of W = P + GEN_LEN columns,
+    each attending to all W: n * (2N * W + 4 * n_layer * n_embd * W^2). The base's
+    passes only: a correction head's own (small) blocks are not counted. Count each
+    answer, then average: the AR count is not linear in passes."""
+    c, n = model.config, passes
+    pair = 4 * c.n_layer * c.n_embd
+    if c.causal:
+        tokens = prompt_len + n - 1
+        return 2 * model.num_params() * tokens + pair * tokens * (tokens + 1) / 2
+    width = prompt_len + data.GEN_LEN
+    return n * (2 * model.num_params() * width + pair * width ** 2)
