@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import data
 from common import load_model
+from sample import by_width
 
 
 def ar_loss(model, x0, prompt_len):
@@ -97,20 +98,9 @@ def _forward_cached(model, idx, start, width, kv):
 
 def decode_problems(model, enc, problems, batch_size=256, cache=True):
     """Greedy AR answers to each problem, EOS stop; returns (response texts, forward
-    passes per problem). Prompts are batched with others of their width, as trained."""
-    device = next(model.parameters()).device
-    responses, passes = [None] * len(problems), [0] * len(problems)
-    encoded, by_width = [data.encode_prompt(enc, p.prompt) for p in problems], {}
-    for i, ids in enumerate(encoded):
-        by_width.setdefault(len(ids), []).append(i)
-    for rows in by_width.values():
-        for j in range(0, len(rows), batch_size):
-            chunk = rows[j:j + batch_size]
-            out, row_passes = generate(model, torch.tensor([encoded[i] for i in chunk], device=device),
-                                       eos_id=enc.eos, cache=cache)
-            for i, row, n in zip(chunk, out, row_passes.tolist()):
-                responses[i], passes[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist()), n
-    return responses, passes
+    passes per problem)."""
+    return by_width(enc, problems, batch_size, lambda prompts: generate(model, prompts, enc.eos, cache),
+                    next(model.parameters()).device)
 
 
 def flops_per_answer(model, prompt_len, passes):

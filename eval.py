@@ -19,6 +19,7 @@ decoder is a model and a remasking policy (remasking.py):
     remdm     ReMDM-conf, training-free
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop (proseco.py)
+    ar        the autoregressive twin, left to right with a KV cache (out/ar.pt)
 Every accuracy comes with a 95% interval over the problems, and the README's
 comparisons (DSC against the base, the random control and the no-FCA head, and
 every point against the base at one token per step) with a paired one
@@ -37,26 +38,36 @@ from contextlib import nullcontext
 
 import torch
 
+import autoregressive
 import data
 from corrector import load_head
 from common import CheckpointError, load_model, model_fingerprint, pick_device
 from proseco import ProSeCoCorrector
-from report import comparisons, interval, plot, print_across_runs, print_comparisons, print_tables, summary
+from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
+                    summary)
 from remasking import HeadRemask, RandomRemask, ReMDMConf
 from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
                     decode_problems, positive)
 
 
-def run(model, enc, problems, reveal, block_len, **kwargs):
-    """Decode problems in one batch; returns responses, passes per problem, seconds, send-backs (steps, B)."""
-    counts = []
+def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
+    """Decode problems, all in one batch by default; returns responses, passes per
+    problem, seconds, send-backs (steps, B)."""
+    counts, batch_size = [], batch_size or len(problems)
     if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
-        decode_problems(model, enc, problems, reveal, batch_size=len(problems), block_len=block_len, **warm)
+        decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
     t0 = time.perf_counter()
-    responses, passes = decode_problems(model, enc, problems, reveal, batch_size=len(problems), block_len=block_len,
+    responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len,
                                         on_step=lambda before, x, back: counts.append(back.sum(1)), **kwargs)
     return responses, passes, time.perf_counter() - t0, torch.stack(counts)
+
+
+def run_ar(model, enc, problems, batch_size=None):
+    """The autoregressive twin's answers, as run() returns them (nothing is ever sent back)."""
+    t0 = time.perf_counter()
+    responses, passes = autoregressive.decode_problems(model, enc, problems, batch_size or len(problems))
+    return responses, passes, time.perf_counter() - t0, torch.zeros(1, len(problems))
 
 
 def main(argv=None):
@@ -67,9 +78,12 @@ def main(argv=None):
     parser.add_argument("--head-nofca", default=checkpoint_path("head_nofca.pt"),
                         help="ablation head (no FCA; default: out/, else weights/)")
     parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
+    parser.add_argument("--ar", default="out/ar.pt", help="autoregressive twin (train_base.py --objective ar)")
+    parser.add_argument("--latency", type=positive(int), default=None, metavar="N",
+                        help="also time each decoder answering the first N problems of each task one at a time")
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
                         help="evaluate several training runs instead (seeds.sh makes them): each DIR holds base.pt "
-                             "and any of head.pt, head_nofca.pt, proseco.pt; reports each and the mean +- std")
+                             "and any of head.pt, head_nofca.pt, proseco.pt, ar.pt; reports each and the mean +- std")
     parser.add_argument("--remdm-eta", type=positive(float), default=0.05,
                         help="ReMDM-conf: tokens sent back per step per revealed token")
     parser.add_argument("--corrector-passes", type=positive(int), default=1, help="ProSeCo: corrector passes S per loop")
@@ -101,9 +115,10 @@ def main(argv=None):
             rule.steps_per_block(data.GEN_LEN, args.block_len)
         overrides = parse_settings(args.head_settings)
         runs = {d: {"base": os.path.join(d, "base.pt"), "head": os.path.join(d, "head.pt"),
-                    "head_nofca": os.path.join(d, "head_nofca.pt"), "proseco": os.path.join(d, "proseco.pt")}
-                for d in args.runs} if args.runs else \
-            {"": {"base": args.base, "head": args.head, "head_nofca": args.head_nofca, "proseco": args.proseco}}
+                    "head_nofca": os.path.join(d, "head_nofca.pt"), "proseco": os.path.join(d, "proseco.pt"),
+                    "ar": os.path.join(d, "ar.pt")} for d in args.runs} if args.runs else \
+            {"": {"base": args.base, "head": args.head, "head_nofca": args.head_nofca, "proseco": args.proseco,
+                  "ar": args.ar}}
         if os.path.isdir(args.out) or any(args.out in paths.values() for paths in runs.values()):
             raise ValueError(f"--out {args.out} is a directory or a checkpoint this run reads")
         device = pick_device(args.device)
@@ -123,6 +138,7 @@ def main(argv=None):
             r["run"] = name
         print_tables(run_rows, args, problems, title=name)
         print_comparisons(comparisons(run_rows))
+        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency], problems)
         rows += run_rows
         runs_out[name] = {"base": paths["base"], "base_fingerprint": models["fingerprint"],
                           "policies": {n: str(p) for n, p in models["heads"].items()}}
@@ -162,8 +178,10 @@ def load_run(paths, enc, device, overrides):
     else:
         print(f"note: skipping proseco: {paths['proseco']} does not exist "
               "(python train_base.py --objective proseco makes it)", file=sys.stderr)
+    ar = autoregressive.load_ar(paths["ar"], data.tokenizer_id(enc))[0].to(device) if os.path.exists(paths["ar"]) else None
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    return {"base": base.to(device), "fingerprint": fingerprint, "heads": heads, "proseco": proseco, "ctx": ctx}
+    return {"base": base.to(device), "fingerprint": fingerprint, "heads": heads, "proseco": proseco, "ar": ar,
+            "ctx": ctx}
 
 
 def evaluate_run(models, enc, problems, rules, args, device):
@@ -185,17 +203,35 @@ def evaluate_run(models, enc, problems, rules, args, device):
             for name, model, kwargs in decoders:
                 if name == "random":
                     kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
-                with models["ctx"]:
-                    responses, passes, seconds, counts = run(model, enc, problems[task], rule, args.block_len, **kwargs)
+                decode = lambda n=None, model=model, kwargs=kwargs: run(  # noqa: E731
+                    model, enc, problems[task][:n], rule, args.block_len, batch_size=n and 1, **kwargs)
+                fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
+                rows.append(decoded_row(task, name, model, decode, fields, models["ctx"], enc, problems[task],
+                                        args.latency if name != "random" else None))  # random replays a batch
                 if name == "dsc":
-                    dsc_counts = counts
-                rows.append(score_row(task, problems[task], responses, passes, seconds,
-                                      {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"):
-                                       setting, "decoder": name,
-                                       "remasked_per_problem": counts.sum().item() / len(problems[task])}))
-                print(f"{task} {rule} {name}: {rows[-1]['accuracy']:.1%} at {rows[-1]['mean_passes']:.2f} passes",
-                      file=sys.stderr)
+                    dsc_counts = rows[-1].pop("counts")
+        if models["ar"] is not None:
+            decode = lambda n=None: run_ar(models["ar"], enc, problems[task][:n], n and 1)  # noqa: E731
+            rows.append(decoded_row(task, "ar", models["ar"], decode, {"rule": "autoregressive", "tokens_per_step": 1},
+                                    models["ctx"], enc, problems[task], args.latency))
+    for r in rows:
+        r.pop("counts", None)
     return rows
+
+
+def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):
+    """Decode (decode(n) answers the first n problems one at a time; None: all in one
+    batch), score, and count the base's forward FLOPs per answer."""
+    with ctx:
+        responses, passes, seconds, counts = decode()
+        ms_batch1 = 1000 * decode(latency)[2] / latency if latency else None
+    widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
+    flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
+    row = score_row(task, problems, responses, passes, seconds,
+                    {**fields, "decoder": name, "remasked_per_problem": counts.sum().item() / len(problems),
+                     "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1, "counts": counts})
+    print(f"{task} {fields} {name}: {row['accuracy']:.1%} at {row['mean_passes']:.2f} passes", file=sys.stderr)
+    return row
 
 
 def score_row(task, problems, responses, passes, seconds, fields):

@@ -40,11 +40,12 @@ CLAIMS = [("dsc", "base"), ("dsc", "random"), ("dsc", "no-fca"), ("random", "bas
 def comparisons(rows):
     """Paired differences with 95% intervals: each CLAIMS pair at each reveal setting,
     and every decoder at every setting against the base at one token per step (the
-    quality a faster decoder has to keep). Math: final answer and strict."""
+    quality a faster decoder has to keep) and against the autoregressive twin (the
+    quality a reader expects). Math: final answer and strict."""
     by = {(r["task"], setting(r), r["decoder"]): r for r in rows}
     pairs = [(by[t, s, a], by[t, s, b]) for (t, s, d) in by for a, b in CLAIMS if d == a and (t, s, b) in by]
-    pairs += [(r, by[t, ("fixed", 1), "base"]) for (t, s, d), r in by.items()
-              if (t, ("fixed", 1), "base") in by and (s, d) != (("fixed", 1), "base")]
+    for ref in (("fixed", 1), "base"), (("autoregressive", 1), "ar"):  # the quality to keep, the quality to reach
+        pairs += [(r, by[(t, *ref)]) for (t, s, d), r in by.items() if (t, *ref) in by and (s, d) != ref]
     out = []
     for a, b in pairs:
         for metric in ("right", "strict_right") if a["task"] == "math" else ("right",):
@@ -77,7 +78,8 @@ def setting(row):
 
 
 def label(rule, value):
-    return {"fixed": f"{value} tokens/step", "threshold": f"threshold {value}", "rollback": f"rollback, {value} tokens/step"}[rule]
+    return {"fixed": f"{value} tokens/step", "threshold": f"threshold {value}", "rollback": f"rollback, {value} tokens/step",
+            "autoregressive": "left to right, KV cache"}[rule]
 
 
 def pct(x, lo_hi=None):
@@ -105,6 +107,18 @@ def print_tables(rows, args, problems, title=""):
     for d in decoders:
         print(f"| {d} | " + " | ".join("never" if best.get((t, d)) is None else f"{best[t, d]:.1f}"
                                        for t in data.TASKS) + " |")
+
+
+def print_speed(rows, problems):
+    """What each answer costs: passes, the base's forward GFLOPs, and wall time per
+    answer in one batch of the whole split and, if measured, one answer at a time."""
+    print("\ncost per answer: mean passes, GFLOPs, ms in one batch of the split, ms one at a time\n")
+    print("| task | reveal rule | decoder | accuracy | passes | GFLOPs | ms (batch) | ms (batch 1) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        one = r.get("ms_per_answer_batch1")
+        print(f"| {r['task']} | {label(*setting(r))} | {r['decoder']} | {pct(r['accuracy'])} | {r['mean_passes']:.1f} "
+              f"| {r['gflops_per_answer']:.2f} | {r['ms_per_problem']:.2f} | {'' if one is None else f'{one:.1f}'} |")
 
 
 def claim_name(c):

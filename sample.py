@@ -218,18 +218,23 @@ def _step_fn(backend):
 
 def decode_problems(model, enc, problems, reveal, batch_size=256, **kwargs):
     """Decode each problem's prompt (blocks, EOS stop); returns (response texts, forward
-    passes per problem). Prompts are batched with others of their width, the layout the
-    model was trained on."""
-    device = next(model.parameters()).device
+    passes per problem)."""
+    return by_width(enc, problems, batch_size, lambda prompts: generate(model, prompts, reveal, eos_id=enc.eos,
+                                                                        **kwargs), next(model.parameters()).device)
+
+
+def by_width(enc, problems, batch_size, decode, device):
+    """Run decode((n, P) prompt ids) -> (tokens, passes per row) over the problems in
+    batches of prompts of one width, the layout the model was trained on; returns
+    (response texts, passes per problem) in the problems' order."""
     responses, passes = [None] * len(problems), [0] * len(problems)
-    encoded, by_width = [data.encode_prompt(enc, p.prompt) for p in problems], {}
+    encoded, widths = [data.encode_prompt(enc, p.prompt) for p in problems], {}
     for i, ids in enumerate(encoded):
-        by_width.setdefault(len(ids), []).append(i)
-    for rows in by_width.values():
+        widths.setdefault(len(ids), []).append(i)
+    for rows in widths.values():
         for j in range(0, len(rows), batch_size):
             chunk = rows[j:j + batch_size]
-            prompts = torch.tensor([encoded[i] for i in chunk], device=device)
-            out, row_passes = generate(model, prompts, reveal, eos_id=enc.eos, **kwargs)
+            out, row_passes = decode(torch.tensor([encoded[i] for i in chunk], device=device))
             for i, row, n in zip(chunk, out, row_passes.tolist()):
                 responses[i], passes[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist()), n
     return responses, passes
