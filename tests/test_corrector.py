@@ -33,3 +33,36 @@ def test_fca_with_a_small_dt_trains_on_canvases_more_than_half_masked(tiny_model
 def test_auroc_matches_definition():
     assert auroc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([1, 1, 0, 0])) == 1.0
     assert auroc(torch.tensor([0.1, 0.9, 0.5, 0.5]), torch.tensor([1, 0, 1, 0])) == 0.125
+
+
+class AlwaysWrites:
+    """A stand-in base that drafts the same response, `answer`, whatever its canvas shows."""
+
+    def __init__(self, answer, vocab_size):
+        self.answer, self.config = answer, type("Config", (), {"mask_id": vocab_size - 1})()
+        self.vocab_size = vocab_size
+
+    def __call__(self, x, return_hidden=False):
+        logits = torch.full((*x.shape, self.vocab_size), -10.0)
+        logits[:, -data.GEN_LEN:].scatter_(-1, self.answer.expand(len(x), -1)[..., None], 10.0)
+        return (logits, torch.zeros(*x.shape, 4)) if return_hidden else logits
+
+
+def test_a_draft_of_another_valid_answer_is_wrong_only_where_the_canvas_rules_that_answer_out(enc):
+    """x0 holds answer B; the drafts all come from answer A (differing from B everywhere).
+    Against x0 every draft is wrong; against both answers, a row's drafts are right when
+    they outnumber the B tokens shown beside them, and all wrong when outnumbered."""
+    torch.manual_seed(0)
+    x0 = data.get_batch(enc, 64, random.Random(0))[1][:1].expand(64, -1).clone()  # one code problem, 64 rows
+    P = x0.shape[1] - data.GEN_LEN
+    b = x0[:, P:]
+    a = (b + 1) % enc.mask  # never the mask id, never equal to b
+    base = AlwaysWrites(a[0], vocab_size=enc.mask + 1)
+    _, wrong_x0, drafted, _ = fca_drafts(base, x0, P, n_drafts=8, dt=1 / 32)
+    assert (wrong_x0 == drafted).all()
+    torch.manual_seed(0)
+    _, wrong, drafted, visible = fca_drafts(base, x0, P, n_drafts=8, dt=1 / 32, references=torch.stack([b, a], 1))
+    shown_b = (visible & ~drafted)[:, P:].sum(1)
+    n_drafts = drafted.sum(1)
+    assert (wrong[n_drafts > shown_b].sum(1) == 0).all() and (n_drafts > shown_b).any()
+    assert (wrong[n_drafts < shown_b] == drafted[n_drafts < shown_b]).all() and (n_drafts < shown_b).any()
