@@ -19,7 +19,7 @@ decoder is a model and a remasking policy (remasking.py):
     remdm     ReMDM-conf, training-free
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop (proseco.py)
-    ar        the autoregressive twin, left to right with a KV cache (out/ar.pt)
+    ar        the autoregressive twin, left to right with a KV cache  (out/ar.pt)
 Every accuracy comes with a 95% interval over the problems, and the README's
 comparisons (DSC against the base, the random control and the no-FCA head, and
 every point against the base at one token per step) with a paired one
@@ -78,7 +78,8 @@ def main(argv=None):
     parser.add_argument("--head-nofca", default=checkpoint_path("head_nofca.pt"),
                         help="ablation head (no FCA; default: out/, else weights/)")
     parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
-    parser.add_argument("--ar", default="out/ar.pt", help="autoregressive twin (train_base.py --objective ar)")
+    parser.add_argument("--ar", default=checkpoint_path("ar.pt"),
+                        help="autoregressive twin (train_base.py --objective ar; default: out/, else weights/)")
     parser.add_argument("--latency", type=positive(int), default=None, metavar="N",
                         help="also time each decoder answering the first N problems of each task one at a time")
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",

@@ -24,6 +24,7 @@ def tiny_run(tmp_path_factory):
 def test_eval_compares_every_method_at_equal_forward_passes(tmp_path, tiny_run):
     (base, head), out = tiny_run, str(tmp_path / "eval.json")
     evaluate.main(["--base", base, "--head", head, "--head-nofca", head, "--proseco", str(tmp_path / "none.pt"),
+                   "--ar", str(tmp_path / "none.pt"),
                    "--num", "4", "--tokens-per-step", "4", "--thresholds", "0.5", "--out", out])
     result = json.load(open(out))
     rows = {(r["task"], r["rule"], r["decoder"]): r for r in result["rows"]}

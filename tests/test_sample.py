@@ -381,3 +381,15 @@ def test_the_shipped_weights_load_and_still_solve_the_tasks(enc):
         responses, _ = decode_problems(base, enc, problems, ConfidenceThreshold(0.9),
                                        remask=HeadRemask(head, **ckpt["remasking"]))
         assert sum(data.score(problems, responses)) >= 14  # most of them: the weights still work
+
+
+def test_the_shipped_autoregressive_twin_loads_and_still_solves_the_tasks(enc):
+    import os
+
+    import autoregressive
+    from sample import SHIPPED
+    model, _ = autoregressive.load_ar(os.path.join(SHIPPED, "ar.pt"), data.tokenizer_id(enc))
+    for task in data.TASKS:
+        problems = data.fixed_problems(task, "test", 20)
+        responses, _ = autoregressive.decode_problems(model, enc, problems)
+        assert sum(data.score(problems, responses)) >= 18
