@@ -30,3 +30,13 @@ def tiny_model(enc):
 # a training run small enough for a test: tiny model, tiny batch, CPU
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--batch-size", "8", "--eval-problems", "4",
         "--device", "cpu"]
+
+
+def one_line_error(main, argv):
+    """The SystemExit message of main(argv), checked to be one line starting 'error: '."""
+    import pytest
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

@@ -7,7 +7,7 @@ import torch
 import autoregressive
 import data
 from common import CheckpointError, kind_of, load_checkpoint, load_model, save_checkpoint
-from conftest import TINY, tiny_config
+from conftest import TINY, one_line_error, tiny_config
 from model import GPT
 
 
@@ -73,14 +73,6 @@ def test_ar_loss_counts_only_the_response_targets(enc):
     assert (grad[:, :P - 1] == 0).all() and (grad[:, -1] == 0).all() and (grad[:, P - 1:-1] != 0).any(-1).all()
     ce = torch.nn.functional.cross_entropy(seen[0][:, P - 1:-1].transpose(1, 2), x0[:, P:], reduction="none")
     assert ce.shape == (len(x0), data.GEN_LEN) and torch.allclose(loss, ce.mean())
-
-
-def one_line_error(main, argv):
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def test_an_ar_run_saves_an_ar_checkpoint_that_resumes_and_that_no_diffusion_decoder_loads(tmp_path, enc):

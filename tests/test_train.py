@@ -3,7 +3,7 @@ import torch
 import train_base
 import train_head
 from common import load_checkpoint
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 
 def test_base_training_saves_and_resumes_with_the_same_step_and_optimizer(tmp_path):
@@ -137,15 +137,6 @@ def tiny_checkpoint(path, enc, objective="mdlm"):
                     model_args=vars(model.config), tokenizer_id=data.tokenizer_id(enc), iter=2, best_val=0.0,
                     config={"objective": objective})
     return str(path)
-
-
-def one_line_error(main, argv):
-    import pytest
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    message = str(stop.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    return message
 
 
 def test_every_bad_flag_is_a_one_line_error_before_any_work(tmp_path):
