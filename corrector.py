@@ -49,13 +49,13 @@ class CorrectionHead(nn.Module):
 
 
 @torch.no_grad()
-def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, references=None):
+def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, references=None, extra_only=False):
     """One batch of head-training examples from the frozen base's own drafts.
 
     FCA (METHOD.md 3): draw t in [0, 1 - dt) and t' in [dt, 1 - t]; mask x0 at
     rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts the n_drafts most
     confident masked positions of x_{t+t'} (sampled tokens; all of them when fewer
-    are masked); the drafts are spliced into the richer x_t -> z. dt is small, so t
+    are masked; with extra_only, only among those x_t shows); the drafts are spliced into the richer x_t -> z. dt is small, so t
     covers nearly the whole range and the head trains on canvases from nearly empty
     to nearly full, as it judges them while decoding; the draft count is set apart
     from dt, so a row still yields enough wrong drafts to learn from (dt = 0.5 with
@@ -80,7 +80,10 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
         draft_from = more
     x_hat, confidence = propose(base(draft_from), temperature)
     k = torch.full((B,), n_drafts, device=x0.device)
-    drafted = most_confident(confidence, draft_from == mask_id, k)
+    candidates = draft_from == mask_id
+    if extra_only:  # only the positions x_t shows and x_{t+t'} hides (the reimplementations differ)
+        candidates &= x_t != mask_id
+    drafted = most_confident(confidence, candidates, k)
     z = torch.where(drafted, x_hat, x_t)  # drafts now sit among x_t's ground-truth context
     _, hidden = base(z, return_hidden=True)
     visible = (z != mask_id) & (torch.arange(T, device=z.device) >= prompt_len)

@@ -59,6 +59,8 @@ def get_args(argv=None):
     p.add_argument("--labels", choices=("closest", "x0"), default="closest",
                    help="a draft is wrong against the valid response closest to the canvas, or against the one "
                         "response the row was drawn with (x0)")
+    p.add_argument("--draft-from", choices=("masked", "extra"), default="masked",
+                   help="draft among every masked position of x_{t+t'}, or only those x_t shows (FCA)")
     p.add_argument("--loss", choices=("balanced", "plain"), default="balanced",
                    help="balanced BCE on the drafts, or plain BCE on every revealed response token")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
@@ -86,6 +88,8 @@ def check_args(args):
                        ("--n-layer", args.n_layer >= 1, "at least 1"),
                        ("--draft-tokens", 1 <= args.draft_tokens <= data.GEN_LEN, f"between 1 and {data.GEN_LEN}"),
                        ("--fca-dt", 0 < args.fca_dt < 1, "between 0 and 1"),
+                       ("--draft-from", args.draft_from == "masked" or not args.no_fca,
+                        "masked with --no-fca, which masks no extra positions"),
                        ("--taus", taus and all(0 <= t <= 1 for t in taus), "comma-separated numbers between 0 and 1"),
                        ("--val-problems", args.val_problems >= 1, "at least 1")])
     for task in data.TASKS:  # ValueError now, not after training, if the split is too small
@@ -104,7 +108,8 @@ def detection_metrics(base, head, enc, tau, ctx, args, batches=8, batch_size=128
     for x0, refs in (b for _ in range(batches) for b in data.get_batch_with_references(enc, batch_size, rng, "val")):
         with ctx:
             hidden, wrong, drafted, _ = fca_drafts(base, x0.to(device), x0.shape[1] - data.GEN_LEN, args.draft_tokens,
-                                                   args.fca_dt, not args.no_fca, references=labels_from(refs, args))
+                                                   args.fca_dt, not args.no_fca, references=labels_from(refs, args),
+                                                   extra_only=args.draft_from == "extra")
             p_wrong = torch.sigmoid(head(hidden).float())
         scores.append(p_wrong[drafted].cpu())
         labels.append(wrong[drafted].cpu())
@@ -241,7 +246,8 @@ def main(argv=None):
                 for x0, refs in data.get_batch_with_references(enc, args.batch_size, rng):  # a tensor per task
                     hidden, w, d, v = fca_drafts(drafts_base, x0.to(args.device), x0.shape[1] - data.GEN_LEN,
                                                  args.draft_tokens, args.fca_dt, not args.no_fca,
-                                                 references=labels_from(refs, args))
+                                                 references=labels_from(refs, args),
+                                                 extra_only=args.draft_from == "extra")
                     logits.append(train_step_head(hidden.float()).flatten())
                     wrong.append(w.flatten())
                     drafted.append(d.flatten())
