@@ -139,7 +139,7 @@ def main(argv=None):
             r["run"] = name
         print_tables(run_rows, args, problems, title=name)
         print_comparisons(comparisons(run_rows))
-        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency], problems)
+        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency])
         rows += run_rows
         runs_out[name] = {"base": paths["base"], "base_fingerprint": models["fingerprint"],
                           "policies": {n: str(p) for n, p in models["heads"].items()}}

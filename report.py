@@ -110,7 +110,7 @@ def print_tables(rows, args, problems, title=""):
                                        for t in data.TASKS) + " |")
 
 
-def print_speed(rows, problems):
+def print_speed(rows):
     """What each answer costs: passes, the base's forward GFLOPs, and wall time per
     answer in one batch of the whole split and, if measured, one answer at a time."""
     print("\ncost per answer: mean passes, GFLOPs, ms in one batch of the split, ms one at a time\n")
