@@ -5,17 +5,17 @@
 #
 #     bash seeds.sh                      # seeds 2 3 4 -> runs/seed2 ... and runs/eval.json
 #     SEEDS="5 6 7" bash seeds.sh        # other seeds
-#     PARALLEL=1 bash seeds.sh           # one seed at a time, all cores to it
+#     PARALLEL=2 bash seeds.sh           # two seeds at once, cores/2 threads each
 #
 # Seeds are fixed before any result is seen; none is dropped for its results.
-# PARALLEL seeds train at once with cores/PARALLEL threads each: on a 2-core CPU,
-# two single-thread runs side by side finish sooner than two runs one after the
-# other with two threads each. Interrupted? Run it again: finished heads are
-# kept and a base continues where it stopped (train_base.py --resume).
+# One seed at a time by default: on the 2-core CPU two head trainings side by
+# side with one thread each took as long as one after the other (docs/LOG.md).
+# Interrupted? Run it again: finished heads are kept and a base continues where
+# it stopped (train_base.py --resume).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"2 3 4"}
-PARALLEL=${PARALLEL:-2}
+PARALLEL=${PARALLEL:-1}
 CORES=$(nproc)
 export OMP_NUM_THREADS=$(( CORES / PARALLEL > 0 ? CORES / PARALLEL : 1 ))
 
