@@ -55,8 +55,8 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
     FCA (METHOD.md 3): draw t in [0, 1 - dt) and t' in [dt, 1 - t]; mask x0 at
     rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts the n_drafts most
     confident masked positions of x_{t+t'} (sampled tokens; all of them when fewer
-    are masked; with extra_only, only among those x_t shows); the drafts are spliced into the richer x_t -> z. dt is small, so t
-    covers nearly the whole range and the head trains on canvases from nearly empty
+    are masked; with extra_only, only among those x_t shows); the drafts are
+    spliced into the richer x_t -> z. dt is small, so t covers nearly the whole range and the head trains on canvases from nearly empty
     to nearly full, as it judges them while decoding; the draft count is set apart
     from dt, so a row still yields enough wrong drafts to learn from (dt = 0.5 with
     16 drafts is the earlier construction, which never masked more than half).
@@ -87,14 +87,12 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
     z = torch.where(drafted, x_hat, x_t)  # drafts now sit among x_t's ground-truth context
     _, hidden = base(z, return_hidden=True)
     visible = (z != mask_id) & (torch.arange(T, device=z.device) >= prompt_len)
-    target = x0[:, prompt_len:]
+    target = x0
     if references is not None:
         shown, response = visible[:, None, prompt_len:], z[:, None, prompt_len:]
         closest = ((references != response) & shown).sum(-1).argmin(1)  # (B,): fewest disagreements
-        target = references[torch.arange(B, device=z.device), closest]
-    wrong = torch.zeros_like(drafted)
-    wrong[:, prompt_len:] = (z[:, prompt_len:] != target) & drafted[:, prompt_len:]
-    return hidden, wrong, drafted, visible
+        target = torch.cat([x0[:, :prompt_len], references[torch.arange(B, device=z.device), closest]], dim=1)
+    return hidden, (z != target) & drafted, drafted, visible
 
 
 def balanced_bce(logits, labels, where):

@@ -262,7 +262,6 @@ def sample_problem(task, split, rng, level=2):
 
 
 @lru_cache(maxsize=None)
-@lru_cache(maxsize=None)
 def fixed_problems(task, split="test", n=150, level=2, seed=TEST_SEED):
     """A fixed list of n distinct problems (no spec twice): the same for every run and
     method. n=None: every problem of the split, found by drawing until WHOLE_SPLIT_PATIENCE
@@ -272,10 +271,12 @@ def fixed_problems(task, split="test", n=150, level=2, seed=TEST_SEED):
         if len(out) == n or stale == WHOLE_SPLIT_PATIENCE:
             break
         p = sample_problem(task, split, rng, level)
-        stale = 0 if p.key not in seen else stale + 1
-        if p.key not in seen:
-            seen.add(p.key)
-            out.append(p)
+        if p.key in seen:
+            stale += 1
+            continue
+        stale = 0
+        seen.add(p.key)
+        out.append(p)
     if n is not None and len(out) < n:
         raise ValueError(f"the {split} split of {task} level {level} has fewer than {n} distinct problems")
     return tuple(out)
@@ -374,7 +375,8 @@ def get_batch(enc, batch_size, rng, split="train", level=2):
     """A batch of batch_size rows as one tensor per task (math, code), each (rows,
     prompt width + GEN_LEN) with one random valid response per row. Three fifths math,
     two fifths code: with less code the base falls short on code."""
-    return [x0 for x0, _ in get_batch_with_references(enc, batch_size, rng, split, level)]
+    return [torch.cat([encode_prompts(enc, [p.prompt for p in problems]), _encode(enc, chosen)], dim=1)
+            for problems, chosen in _draw(batch_size, rng, split, level)]
 
 
 def get_batch_with_references(enc, batch_size, rng, split="train", level=2):
@@ -382,14 +384,24 @@ def get_batch_with_references(enc, batch_size, rng, split="train", level=2):
     of its problem: a list of (x0 (rows, W), references (rows, R, GEN_LEN)) per task,
     a row's list padded to R by repeating its first response."""
     batches = []
+    for problems, chosen in _draw(batch_size, rng, split, level):
+        x0 = torch.cat([encode_prompts(enc, [p.prompt for p in problems]), _encode(enc, chosen)], dim=1)
+        width = max(len(p.responses) for p in problems)
+        refs = torch.stack([_encode(enc, p.responses + p.responses[:1] * (width - len(p.responses))) for p in problems])
+        batches.append((x0, refs))
+    return batches
+
+
+def _draw(batch_size, rng, split, level):
+    """Per task, (problems, the valid response drawn for each), three fifths math."""
+    out = []
     for task, n in (("math", batch_size - 2 * batch_size // 5), ("code", 2 * batch_size // 5)):
         if n == 0:
             continue
         problems = [sample_problem(task, split, rng, level) for _ in range(n)]
-        prompts = encode_prompts(enc, [p.prompt for p in problems])
-        responses = torch.tensor([encode_response(enc, rng.choice(p.responses)) for p in problems], dtype=torch.long)
-        width = max(len(p.responses) for p in problems)
-        refs = torch.tensor([[encode_response(enc, r) for r in p.responses + p.responses[:1] * (width - len(p.responses))]
-                             for p in problems], dtype=torch.long)
-        batches.append((torch.cat([prompts, responses], dim=1), refs))
-    return batches
+        out.append((problems, [rng.choice(p.responses) for p in problems]))
+    return out
+
+
+def _encode(enc, responses):
+    return torch.tensor([encode_response(enc, r) for r in responses], dtype=torch.long)

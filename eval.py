@@ -207,22 +207,22 @@ def evaluate_run(models, enc, problems, rules, args, device):
                 decode = lambda n=None, model=model, kwargs=kwargs: run(  # noqa: E731
                     model, enc, problems[task][:n], rule, args.block_len, batch_size=n and 1, **kwargs)
                 fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
-                rows.append(decoded_row(task, name, model, decode, fields, models["ctx"], enc, problems[task],
-                                        args.latency if name != "random" else None))  # random replays a batch
+                row, counts = decoded_row(task, name, model, decode, fields, models["ctx"], enc, problems[task],
+                                          args.latency if name != "random" else None)  # random replays a batch
+                rows.append(row)
                 if name == "dsc":
-                    dsc_counts = rows[-1].pop("counts")
+                    dsc_counts = counts
         if models["ar"] is not None:
             decode = lambda n=None: run_ar(models["ar"], enc, problems[task][:n], n and 1)  # noqa: E731
             rows.append(decoded_row(task, "ar", models["ar"], decode, {"rule": "autoregressive", "tokens_per_step": 1},
-                                    models["ctx"], enc, problems[task], args.latency))
-    for r in rows:
-        r.pop("counts", None)
+                                    models["ctx"], enc, problems[task], args.latency)[0])
     return rows
 
 
 def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):
     """Decode (decode(n) answers the first n problems one at a time; None: all in one
-    batch), score, and count the base's forward FLOPs per answer."""
+    batch), score, and count the base's forward FLOPs per answer. Returns (row, the
+    tokens sent back at each step of the batch run)."""
     with ctx:
         responses, passes, seconds, counts = decode()
         ms_batch1 = 1000 * decode(latency)[2] / latency if latency else None
@@ -230,9 +230,9 @@ def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):
     flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
     row = score_row(task, problems, responses, passes, seconds,
                     {**fields, "decoder": name, "remasked_per_problem": counts.sum().item() / len(problems),
-                     "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1, "counts": counts})
+                     "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1})
     print(f"{task} {fields} {name}: {row['accuracy']:.1%} at {row['mean_passes']:.2f} passes", file=sys.stderr)
-    return row
+    return row, counts
 
 
 def score_row(task, problems, responses, passes, seconds, fields):

@@ -1,7 +1,7 @@
 """
 Train the DSC correction head on the frozen base's own mistakes.
 
-    python train_head.py             # FCA head -> out/head.pt (CPU default: ~10 minutes)
+    python train_head.py             # FCA head -> out/head.pt (CPU default: 6-10 minutes)
     python train_head.py --no-fca    # the ablation: drafts made and judged in one context
     python train_head.py --overwrite # replace an existing head (Ctrl-C or SIGTERM: exit 130, nothing saved)
     torchrun --nproc_per_node=2 train_head.py   # DistributedDataParallel over the head
@@ -10,12 +10,11 @@ The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
 under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts:
 t over nearly the whole time range, each draft judged against the valid
 response closest to its canvas) and trains only the head, with the rare
-'wrong' class weighted up. At the end
-the head reports, on held-out validation drafts made the same way, its AUROC,
-the positive rate and precision/recall at tau (on FCA drafts, and on the
-canvases the sampler writes at 4 tokens per step: mid-decoding, by how much is
-still masked, and finished), and tau is picked
-on validation problems by decoding accuracy at 4 tokens per step.
+'wrong' class weighted up. At the end the head reports, on validation data,
+its AUROC, the positive rate and precision/recall at tau on FCA drafts and on
+the canvases the sampler writes at 4 tokens per step (mid-decoding, by how much
+is still masked, and finished); tau is picked on validation problems by
+decoding accuracy at 4 tokens per step.
 """
 
 import argparse
