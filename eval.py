@@ -18,7 +18,10 @@ decoder is a model and a remasking policy (remasking.py):
     random    the control: as many tokens as dsc sent back at each step, at random
     remdm     ReMDM-conf, training-free
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
-    proseco   the ProSeCo model with its corrector loop (proseco.py)
+    proseco   the ProSeCo model with its corrector loop (proseco.py): corrector
+              passes on top of the unmasking steps, as the paper counts them
+    proseco-equal   ProSeCo at the same total passes as the others: twice the
+              tokens per step, a corrector pass after each (fixed schedule only)
     ar        the autoregressive twin, left to right with a KV cache  (out/ar.pt)
 Every accuracy comes with a 95% interval over the problems, and the README's
 comparisons (DSC against the base, the random control and the no-FCA head, and
@@ -201,11 +204,15 @@ def evaluate_run(models, enc, problems, rules, args, device):
                 decoders += [("proseco-plain", proseco, {}),
                              ("proseco", proseco, {"corrector": ProSeCoCorrector(args.corrector_passes,
                                                                                  args.corrector_every)})]
+                if kind == "fixed" and equal_passes_rule(setting, args.block_len):
+                    decoders.append(("proseco-equal", proseco, {"corrector": ProSeCoCorrector(1, 1),
+                                                                "reveal": equal_passes_rule(setting, args.block_len)}))
             for name, model, kwargs in decoders:
                 if name == "random":
                     kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
+                kwargs = {"reveal": rule, **kwargs}
                 decode = lambda n=None, model=model, kwargs=kwargs: run(  # noqa: E731
-                    model, enc, problems[task][:n], rule, args.block_len, batch_size=n and 1, **kwargs)
+                    model, enc, problems[task][:n], block_len=args.block_len, batch_size=n and 1, **kwargs)
                 fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
                 row, counts = decoded_row(task, name, model, decode, fields, models["ctx"], enc, problems[task],
                                           args.latency if name != "random" else None)  # random replays a batch
@@ -217,6 +224,18 @@ def evaluate_run(models, enc, problems, rules, args, device):
             rows.append(decoded_row(task, "ar", models["ar"], decode, {"rule": "autoregressive", "tokens_per_step": 1},
                                     models["ctx"], enc, problems[task], args.latency)[0])
     return rows
+
+
+def equal_passes_rule(tokens_per_step, block_len):
+    """ProSeCo at the others' total passes: twice the tokens per step, so that a
+    corrector pass after each predictor pass (S=1, every step) fits the budget of
+    GEN_LEN / tokens_per_step; None where no such schedule exists."""
+    rule = FixedSchedule(data.GEN_LEN // (2 * tokens_per_step))
+    try:
+        rule.steps_per_block(data.GEN_LEN, block_len)
+    except ValueError:
+        return None
+    return rule
 
 
 def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):

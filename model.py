@@ -148,18 +148,6 @@ def weighted_ce(ce, masked, t, n_response, elbo_weight):
     return (ce * w).sum() / w.sum().clamp(min=1)
 
 
-def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False):
-    """ProSeCo (METHOD.md 4): the masked loss, plus a corrector term. The model's own
-    argmax reconstruction y of every response position (no gradient through it,
-    even where the input was visible) is fed back in, and the model must map y to
-    x0 at every response position, weighted like the masked loss. t in [0.1, 1)."""
-    unmask, logits, t, _ = mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight, t_low=0.1)
-    is_response = (torch.arange(x0.shape[1], device=x0.device) >= prompt_len).expand_as(x0)
-    y = torch.where(is_response, logits.detach().argmax(-1), x0)
-    ce = F.cross_entropy(model(y).float().transpose(1, 2), x0, reduction="none")
-    return unmask + weighted_ce(ce, is_response, t, x0.shape[1] - prompt_len, elbo_weight)
-
-
 # -----------------------------------------------------------------------------
 # choosing tokens from logits: shared by the sampler and the FCA draft maker
 

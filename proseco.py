@@ -1,7 +1,15 @@
 """
-ProSeCo's sampler (METHOD.md section 4): one network trained to unmask and to
-correct (model.proseco_loss), decoded with a corrector loop between unmasking
-steps, in the authors' order. At every step:
+ProSeCo (METHOD.md section 4): one network trained to unmask and to correct,
+decoded with a corrector loop between unmasking steps. Both halves live here.
+
+Training (proseco_loss, as the authors' released script runs it): the masked
+loss on x_t, then a second pass on y, the model's own argmax reconstruction
+(no gradient through it), trained to give x0 back at every response position.
+The corrector term is weighted by 1/t like the masked one, and where y is
+already right its loss is -p(x0), bounded, rather than -log p(x0): errors weigh
+more, so the corrector learns to fix rather than to copy. t in [0.1, 1).
+
+Sampling (ProSeCoCorrector, in the authors' order). At every step:
   1. a fresh predictor pass on the canvas with its masks (sample.generate);
   2. every `every` steps of a block, and at its last step, the corrector loop:
      y = the committed tokens, the predictor's argmax at every mask; then up to
@@ -13,6 +21,31 @@ Passes are predictor + corrector passes; the corrector's are counted apart.
 """
 
 import torch
+import torch.nn.functional as F
+
+from model import mdlm_loss
+
+# Where the corrector's training input shows the model's argmax (CORRECTOR_INPUT below):
+#   "all"     every response position, visible ones included (the authors' released script)
+#   "masked"  only the positions x_t masked; the others keep x0 (their code's default)
+CORRECTOR_INPUTS = ("all", "masked")
+CORRECTOR_INPUT = "all"  # the released script's; the validation choice between the two is in docs/LOG.md
+
+
+def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False, corrector_input=CORRECTOR_INPUT):
+    """The masked loss (the base's, mdlm_loss) plus the corrector term: the model maps
+    its own argmax reconstruction y back to x0 at every response position, each
+    token weighted by 1/t, summed and divided by the response tokens (the released
+    normalisation; next to the base's mean over masked tokens it has the released
+    relative scale, as that mean is the 1/t-weighted sum in expectation)."""
+    unmask, logits, t, masked = mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight, t_low=0.1)
+    is_response = (torch.arange(x0.shape[1], device=x0.device) >= prompt_len).expand_as(x0)
+    shown = is_response if corrector_input == "all" else masked
+    y = torch.where(shown, logits.detach().argmax(-1), x0)
+    logp = F.log_softmax(model(y).float(), dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+    per_token = torch.where(y != x0, -logp, -logp.exp())  # errors upweighted: a right input costs -p(x0) only
+    corrector = (per_token * is_response / t[:, None]).sum() / (x0.shape[0] * (x0.shape[1] - prompt_len))
+    return unmask + corrector
 
 
 class ProSeCoCorrector:

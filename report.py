@@ -34,7 +34,7 @@ def interval(right, baseline=None, resamples=RESAMPLES, seed=0):
 
 # the claims the README makes: (a, b) -> a's accuracy minus b's, on the same problems and reveal setting
 CLAIMS = [("dsc", "base"), ("dsc", "random"), ("dsc", "no-fca"), ("random", "base"), ("remdm", "base"),
-          ("proseco", "proseco-plain"), ("proseco-plain", "base")]
+          ("proseco", "proseco-plain"), ("proseco-plain", "base"), ("proseco-equal", "base"), ("dsc", "proseco-equal")]
 
 
 def comparisons(rows):

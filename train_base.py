@@ -33,7 +33,8 @@ import autoregressive
 import data
 from common import (CheckpointError, a_kind, check_flags, check_output_path, finish_distributed, kind_of,
                     load_checkpoint, lr_at, peak_flops, pick_device, save_checkpoint, setup_distributed, uninterrupted)
-from model import GPT, GPTConfig, mdlm_loss, proseco_loss
+from model import GPT, GPTConfig, mdlm_loss
+from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
 from sample import FixedSchedule, decode_problems
 
 
@@ -56,6 +57,9 @@ def get_args(argv=None):
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--corrector-input", choices=CORRECTOR_INPUTS, default=None,
+                   help=f"proseco: where the corrector's training input shows the model's argmax (default "
+                        f"{CORRECTOR_INPUT}; proseco.py)")
     p.add_argument("--elbo-weight", action="store_true",
                    help="weight the loss by 1/t (the MDLM bound) instead of mean CE; not for ar")
     p.add_argument("--eval-every", type=int, default=400, help="steps between validation and checkpoint")
@@ -83,7 +87,9 @@ def check_args(args):
                        ("--eval-problems", args.eval_problems >= 1, "at least 1"),
                        ("--level", args.level in (1, 2, 3), "1, 2 or 3"),
                        ("--elbo-weight", not (args.elbo_weight and args.objective == "ar"),
-                        "left off with --objective ar, whose loss has no t")])
+                        "left off with --objective ar, whose loss has no t"),
+                       ("--corrector-input", args.corrector_input is None or args.objective == "proseco",
+                        "given only with --objective proseco")])
     for task in data.TASKS:  # ValueError now, not at the first validation, if the split is too small
         data.fixed_problems(task, "val", args.eval_problems, args.level)
     check_output_path(args.out, args.objective, replace=args.resume or args.overwrite,
@@ -105,6 +111,10 @@ def checkpoint_to_resume(args, given, enc):
             flag = "--" + name.replace("_", "-")
             raise CheckpointError(f"cannot resume: {args.out} has {flag} {ckpt['model_args'][name]}, "
                                   f"this run asks for {flag} {value}")
+    saved = ckpt["config"].get("corrector_input")
+    if args.corrector_input not in (None, saved):
+        raise CheckpointError(f"cannot resume: {args.out} was trained with --corrector-input {saved}, "
+                              f"this run asks for {args.corrector_input}")
     for name in ARCHITECTURE:  # the saved config says what actually ran
         setattr(args, name, ckpt["model_args"][name])
     return ckpt
@@ -117,11 +127,13 @@ def batch_loss(loss_fn, model, batches, enc, args):
                for x0 in batches) / sum(len(x0) for x0 in batches)
 
 
-def loss_of(objective):
+def loss_of(objective, corrector_input=CORRECTOR_INPUT):
     """The training loss of an objective, as batch_loss calls it."""
     if objective == "ar":
         return lambda model, x0, prompt_len, *_: autoregressive.ar_loss(model, x0, prompt_len)
-    return proseco_loss if objective == "proseco" else lambda *a: mdlm_loss(*a)[0]
+    if objective == "proseco":
+        return lambda *a: proseco_loss(*a, corrector_input=corrector_input)
+    return lambda *a: mdlm_loss(*a)[0]
 
 
 @torch.no_grad()
@@ -180,7 +192,9 @@ def main(argv=None):
         check_args(args)
     except (ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
-    loss_fn = loss_of(args.objective)
+    if args.objective == "proseco" and args.corrector_input is None:  # a resumed run keeps its own
+        args.corrector_input = (ckpt and ckpt["config"].get("corrector_input")) or CORRECTOR_INPUT
+    loss_fn = loss_of(args.objective, args.corrector_input)
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
     if cuda:

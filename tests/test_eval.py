@@ -39,6 +39,19 @@ def test_eval_compares_every_method_at_equal_forward_passes(tmp_path, tiny_run):
         assert lo <= rows[task, "fixed", "dsc"]["accuracy"] <= hi
 
 
+def test_eval_runs_proseco_at_the_unmasking_budget_and_at_equal_total_passes(tmp_path, tiny_run):
+    (base, _), out, none = tiny_run, str(tmp_path / "eval.json"), str(tmp_path / "none.pt")
+    evaluate.main(["--base", base, "--proseco", base, "--head", none, "--head-nofca", none, "--ar", none,  # base as ProSeCo
+                   "--num", "4", "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+    result = json.load(open(out))
+    rows = {(r["task"], r["decoder"]): r for r in result["rows"]}
+    claims = {(c["task"], tuple(c["a"]), tuple(c["b"])) for c in result["comparisons"]}
+    for task in ("math", "code"):
+        assert rows[task, "proseco-equal"]["mean_passes"] <= 8  # predictor + corrector within the others' 8
+        assert rows[task, "proseco"]["mean_passes"] > rows[task, "proseco-plain"]["mean_passes"]  # passes on top
+        assert (task, ("proseco-equal", "fixed", 4), ("base", "fixed", 4)) in claims
+
+
 def test_eval_reads_several_runs_and_compares_on_each(tmp_path, tiny_run, capsys):
     base, head = tiny_run
     runs = [tmp_path / "seed_a", tmp_path / "seed_b"]

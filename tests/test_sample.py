@@ -5,7 +5,6 @@ import torch
 
 import data
 from corrector import CorrectionHead, HeadConfig
-from proseco import ProSeCoCorrector
 from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
 from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
 
@@ -225,59 +224,6 @@ def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model
     generate(tiny_model, prompts(enc), other_rule, remask=other_remask, eos_id=enc.eos,
              compile=counting_backend)  # another budget or threshold, another tau
     assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
-
-
-# ProSeCo's sampler (proseco.py) on the shared decoder
-
-
-class NeverSettles(torch.nn.Module):
-    """A stand-in model whose argmax is always (input + 1): it has no fixed point."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config, self.calls, self.inputs = config, 0, []
-
-    def forward(self, x, return_hidden=False):
-        self.calls += 1
-        self.inputs.append(x.clone())
-        logits = torch.nn.functional.one_hot((x + 1) % (self.config.vocab_size - 1), self.config.vocab_size).float()
-        return (logits, logits) if return_hidden else logits
-
-
-def test_proseco_makes_a_predictor_pass_on_the_masked_canvas_before_every_reveal(tiny_model, enc):
-    model = CountingModel(tiny_model)
-    before_steps = []
-    out, passes = generate(model, prompts(enc), FixedSchedule(8), corrector=ProSeCoCorrector(max_passes=2),
-                           on_step=lambda before, x, back: before_steps.append(before))
-    predictor_inputs = [x for x in model.inputs if (x == enc.mask).any()]
-    assert len(predictor_inputs) == 8  # one per step: corrector passes see no masks
-    for before, seen in zip(before_steps, predictor_inputs):
-        assert torch.equal(before, seen)  # each step reveals from a fresh pass on its own canvas
-
-
-def test_proseco_corrector_input_keeps_the_committed_tokens(enc, tiny_model):
-    model = NeverSettles(tiny_model.config)
-    p = prompts(enc)
-    generate(model, p, FixedSchedule(4), block_len=32, corrector=ProSeCoCorrector(max_passes=1))
-    predictor, corrector = model.inputs[2], model.inputs[3]  # step 2: its predictor pass, then its corrector pass
-    committed = predictor != enc.mask
-    assert torch.equal(corrector[committed], predictor[committed])
-    assert not (corrector == enc.mask).any()  # masks are filled with the predictor's argmax
-
-
-def test_proseco_reports_every_forward_pass_and_stops_at_s_without_a_fixed_point(enc, tiny_model):
-    model = NeverSettles(tiny_model.config)
-    corrector = ProSeCoCorrector(max_passes=2)
-    out, passes = generate(model, prompts(enc), FixedSchedule(4), block_len=32, corrector=corrector)
-    assert passes.tolist() == [4 + 4 * 2] * 3 == [model.calls] * 3  # 4 predictor passes, 4 loops of S=2
-    assert corrector.passes.tolist() == [8] * 3 and not (out == enc.mask).any()
-
-
-def test_proseco_loop_stops_at_a_fixed_point(tiny_model, enc):
-    model = CountingModel(tiny_model)
-    corrector = ProSeCoCorrector(max_passes=20)
-    generate(model, prompts(enc), FixedSchedule(4), corrector=corrector)
-    assert corrector.passes.max() < 4 * 20  # an untrained model settles before the limit
 
 
 # the command line

@@ -144,7 +144,8 @@ def test_every_bad_flag_is_a_one_line_error_before_any_work(tmp_path):
     (tmp_path / "file").write_text("")
     cases = [("--batch-size", "0"), ("--eval-every", "0"), ("--lr", "nan"), ("--grad-clip", "nan"),
              ("--max-iters", "0"), ("--n-embd", "33"), ("--device", "bogus"), ("--out", ""),
-             ("--out", str(tmp_path / "file" / "base.pt"))]  # a directory that is a file: unwritable
+             ("--out", str(tmp_path / "file" / "base.pt")),  # a directory that is a file: unwritable
+             ("--corrector-input", "masked")]  # without --objective proseco
     if not torch.cuda.is_available():
         cases.append(("--device", "cuda"))
     for flag, value in cases:
