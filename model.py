@@ -103,9 +103,10 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
 
     def flops_per_token(self):
-        """Forward+backward FLOPs per token (6N plus attention), as nanoGPT's MFU estimate."""
+        """Forward+backward FLOPs per token (6N plus attention), as nanoGPT's MFU estimate;
+        a causal model attends to half the pairs on average."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size // (2 if c.causal else 1)
 
 
 # -----------------------------------------------------------------------------
