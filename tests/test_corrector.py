@@ -30,6 +30,20 @@ def test_fca_with_a_small_dt_trains_on_canvases_more_than_half_masked(tiny_model
         assert (masked_fraction > 0.6).any() == expect_some
 
 
+def test_fca_extra_only_drafts_only_where_x_t_shows_a_token(tiny_model, enc):
+    """Same draws, with and without extra_only: the default canvas shows x_t's tokens and
+    drafts, some in positions x_t hides; with extra_only the canvas hides all x_t hides."""
+    x0 = data.get_batch(enc, 16, random.Random(0))[0]
+    P = x0.shape[1] - data.GEN_LEN
+    runs = {}
+    for extra_only in (False, True):
+        torch.manual_seed(0)
+        runs[extra_only] = fca_drafts(tiny_model, x0, P, n_drafts=4, dt=1 / 32, extra_only=extra_only)[2:]
+    (drafted, visible), (drafted_extra, x_t_shows) = runs[False], runs[True]
+    assert drafted_extra.any() and not (drafted_extra & ~x_t_shows).any()
+    assert torch.equal(visible, x_t_shows | drafted) and (drafted & ~x_t_shows).any()
+
+
 def test_auroc_matches_definition():
     assert auroc(torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([1, 1, 0, 0])) == 1.0
     assert auroc(torch.tensor([0.1, 0.9, 0.5, 0.5]), torch.tensor([1, 0, 1, 0])) == 0.125
