@@ -3,7 +3,7 @@
 # head, each with its default settings, then evaluate every run in one eval.py
 # call, which reports each seed and the mean +- std across them.
 #
-#     bash seeds.sh                      # seeds 2 3 4 -> runs/seed2 ... and runs/eval.json
+#     bash seeds.sh                      # seeds 2 3 4 -> runs/seed2 ... and runs/eval.json (132 min, 2 CPU cores)
 #     SEEDS="5 6 7" bash seeds.sh        # other seeds
 #     PARALLEL=2 bash seeds.sh           # two seeds at once, cores/2 threads each
 #
