@@ -204,9 +204,9 @@ def evaluate_run(models, enc, problems, rules, args, device):
                 decoders += [("proseco-plain", proseco, {}),
                              ("proseco", proseco, {"corrector": ProSeCoCorrector(args.corrector_passes,
                                                                                  args.corrector_every)})]
-                if kind == "fixed" and equal_passes_rule(setting, args.block_len):
-                    decoders.append(("proseco-equal", proseco, {"corrector": ProSeCoCorrector(1, 1),
-                                                                "reveal": equal_passes_rule(setting, args.block_len)}))
+                equal = equal_passes_rule(setting, args.block_len) if kind == "fixed" else None
+                if equal is not None:
+                    decoders.append(("proseco-equal", proseco, {"corrector": ProSeCoCorrector(1, 1), "reveal": equal}))
             for name, model, kwargs in decoders:
                 if name == "random":
                     kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
