@@ -112,7 +112,7 @@ def checkpoint_to_resume(args, given, enc):
             raise CheckpointError(f"cannot resume: {args.out} has {flag} {ckpt['model_args'][name]}, "
                                   f"this run asks for {flag} {value}")
     saved = ckpt["config"].get("corrector_input")
-    if args.corrector_input not in (None, saved):
+    if args.objective == "proseco" and args.corrector_input not in (None, saved):
         raise CheckpointError(f"cannot resume: {args.out} was trained with --corrector-input {saved}, "
                               f"this run asks for {args.corrector_input}")
     for name in ARCHITECTURE:  # the saved config says what actually ran
