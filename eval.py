@@ -55,22 +55,26 @@ from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, che
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     """Decode problems, all in one batch by default; returns responses, passes per
-    problem, seconds, send-backs (steps, B)."""
-    counts, batch_size = [], batch_size or len(problems)
+    problem, seconds, send-backs (steps, B), and ProSeCo's corrector passes per
+    problem on average (0 for every other decoder; they are part of the passes)."""
+    counts, batch_size, corrector = [], batch_size or len(problems), kwargs.get("corrector")
     if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
         decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
+    if corrector is not None:
+        corrector.spent = 0
     t0 = time.perf_counter()
     responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len,
                                         on_step=lambda before, x, back: counts.append(back.sum(1)), **kwargs)
-    return responses, passes, time.perf_counter() - t0, torch.stack(counts)
+    seconds = time.perf_counter() - t0
+    return responses, passes, seconds, torch.stack(counts), corrector.spent / len(problems) if corrector else 0.0
 
 
 def run_ar(model, enc, problems, batch_size=None):
     """The autoregressive twin's answers, as run() returns them (nothing is ever sent back)."""
     t0 = time.perf_counter()
     responses, passes = autoregressive.decode_problems(model, enc, problems, batch_size or len(problems))
-    return responses, passes, time.perf_counter() - t0, torch.zeros(1, len(problems))
+    return responses, passes, time.perf_counter() - t0, torch.zeros(1, len(problems)), 0.0
 
 
 def main(argv=None):
@@ -243,12 +247,13 @@ def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):
     batch), score, and count the base's forward FLOPs per answer. Returns (row, the
     tokens sent back at each step of the batch run)."""
     with ctx:
-        responses, passes, seconds, counts = decode()
+        responses, passes, seconds, counts, corrector_passes = decode()
         ms_batch1 = 1000 * decode(latency)[2] / latency if latency else None
     widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
     flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
     row = score_row(task, problems, responses, passes, seconds,
                     {**fields, "decoder": name, "remasked_per_problem": counts.sum().item() / len(problems),
+                     "mean_corrector_passes": corrector_passes,
                      "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1})
     print(f"{task} {fields} {name}: {row['accuracy']:.1%} at {row['mean_passes']:.2f} passes", file=sys.stderr)
     return row, counts

@@ -29,7 +29,7 @@ from model import mdlm_loss
 #   "all"     every response position, visible ones included (the authors' released script)
 #   "masked"  only the positions x_t masked; the others keep x0 (their code's default)
 CORRECTOR_INPUTS = ("all", "masked")
-CORRECTOR_INPUT = "all"  # the released script's; the validation choice between the two is in docs/LOG.md
+CORRECTOR_INPUT = "all"  # chosen on validation (docs/LOG.md): level with "masked" there, so the released script's
 
 
 def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False, corrector_input=CORRECTOR_INPUT):
@@ -54,6 +54,7 @@ class ProSeCoCorrector:
             raise ValueError(f"ProSeCo needs at least one corrector pass every step or more, got S={max_passes}, "
                              f"omega={every}")
         self.max_passes, self.every = max_passes, every
+        self.spent = 0  # corrector passes over every row decoded since the caller zeroed it (eval.py reports them apart)
 
     def start(self, x):
         """Reset the per-row count of corrector passes for a new decode."""
@@ -70,6 +71,7 @@ class ProSeCoCorrector:
         changing = active.clone()
         for _ in range(self.max_passes):
             self.passes += changing  # a row that reached its fixed point costs nothing more
+            self.spent += int(changing.sum())
             out_logits, out_hidden = model(y, return_hidden=True)
             y_next = torch.where(open_, out_logits.argmax(-1), y)
             logits = torch.where(changing[:, None, None], out_logits, logits)

@@ -87,6 +87,12 @@ def pct(x, lo_hi=None):
     return f"{100 * x:.1f}" + (f" ({100 * lo_hi[0]:.1f}-{100 * lo_hi[1]:.1f})" if lo_hi else "")
 
 
+def passes(row):
+    """Mean passes per answer; ProSeCo's as predictor + corrector = total."""
+    c = row.get("mean_corrector_passes", 0)
+    return f"{row['mean_passes'] - c:.1f} + {c:.1f} = {row['mean_passes']:.1f}" if c else f"{row['mean_passes']:.1f}"
+
+
 def print_tables(rows, args, problems, title=""):
     """One markdown table per task (accuracy with its 95% interval @ mean passes), then the summary."""
     decoders = list(dict.fromkeys(r["decoder"] for r in rows))
@@ -99,7 +105,7 @@ def print_tables(rows, args, problems, title=""):
         for key in dict.fromkeys(setting(r) for r in rows):
             cells = {r["decoder"]: pct(r["accuracy"], r["interval"])
                      + (f" / {pct(r['strict_accuracy'], r['strict_interval'])}" if task == "math" else "")
-                     + f" @ {r['mean_passes']:.1f}" for r in rows if r["task"] == task and setting(r) == key}
+                     + f" @ {passes(r)}" for r in rows if r["task"] == task and setting(r) == key}
             print(f"| {label(*key)} | " + " | ".join(cells.get(d, "") for d in decoders) + " |")
     best = summary(rows)
     print(f"\nfewest mean passes within {NEAR:.0%} of the base at one token per step ('never': no point reaches it)\n")
@@ -118,7 +124,7 @@ def print_speed(rows):
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         one = r.get("ms_per_answer_batch1")
-        print(f"| {r['task']} | {label(*setting(r))} | {r['decoder']} | {pct(r['accuracy'])} | {r['mean_passes']:.1f} "
+        print(f"| {r['task']} | {label(*setting(r))} | {r['decoder']} | {pct(r['accuracy'])} | {passes(r)} "
               f"| {r['gflops_per_answer']:.2f} | {r['ms_per_problem']:.2f} | {'' if one is None else f'{one:.1f}'} |")
 
 

@@ -49,6 +49,9 @@ def test_eval_runs_proseco_at_the_unmasking_budget_and_at_equal_total_passes(tmp
     for task in ("math", "code"):
         assert rows[task, "proseco-equal"]["mean_passes"] <= 8  # predictor + corrector within the others' 8
         assert rows[task, "proseco"]["mean_passes"] > rows[task, "proseco-plain"]["mean_passes"]  # passes on top
+        # reported apart: one corrector pass after every predictor pass (S=1, omega=1) is half the total
+        assert rows[task, "proseco"]["mean_corrector_passes"] == rows[task, "proseco"]["mean_passes"] / 2
+        assert rows[task, "proseco-plain"]["mean_corrector_passes"] == 0
         assert (task, ("proseco-equal", "fixed", 4), ("base", "fixed", 4)) in claims
 
 
