@@ -13,9 +13,8 @@ Two task families, each generated from a seed and each with a verifier:
         run in sandbox.py; the values f returns are judged here.
 
 Every prompt has several valid responses (free step order, equivalent forms
-of different lengths):
-that is what makes revealing many tokens at once go wrong, and so what
-self-correction has to fix. Splits are disjoint by a hash of the problem, and
+of different lengths): that is what makes revealing many tokens at once go
+wrong, and so what self-correction has to fix. Splits are disjoint by a hash of the problem, and
 the test set is fixed by its seed so every method meets the same problems.
 
 The tokenizer is a tiktoken.Encoding built offline: 256 byte tokens, BPE
@@ -48,6 +47,7 @@ PROMPT_WIDTHS, GEN_LEN = (16, 48), 32  # prompt columns: the narrowest that hold
 PROMPT_LEN = PROMPT_WIDTHS[-1]  # the longest prompt the model reads
 TASKS = ("math", "code")
 TEST_SEED = 1234  # the fixed test set every method is scored on
+WHOLE_SPLIT_PATIENCE = 20_000  # a split's last new problem turns up within about 5,000 draws
 EOS, MASK = "<|eos|>", "<|mask|>"
 
 
@@ -282,10 +282,6 @@ def fixed_problems(task, split="test", n=150, level=2, seed=TEST_SEED):
     return tuple(out)
 
 
-# the last new problem of any split turns up within about 5,000 draws: 20,000 without one is the whole split
-WHOLE_SPLIT_PATIENCE = 20_000
-
-
 # -----------------------------------------------------------------------------
 # tokenizer: byte-level BPE learned offline from our own training corpus
 
@@ -308,10 +304,8 @@ def get_tokenizer(n_merges=200, corpus_size=4000, seed=0):
         for w, c in pieces.items():
             for pair in zip(w, w[1:]):
                 pairs[pair] += c
-        if not pairs:
-            break
-        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))  # ties: deterministic
-        if count < 2:
+        (a, b), count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]), default=((b"", b""), 0))  # ties: by pair
+        if count < 2:  # nothing left that occurs twice
             break
         ranks[a + b] = len(ranks)
         pieces = {_merge(w, a, b): c for w, c in pieces.items()}
@@ -365,9 +359,7 @@ def encode_response(enc, response):
 
 def decode_response(enc, ids):
     """Text of a generated response: everything before the first EOS."""
-    ids = list(ids)
-    if enc.eos in ids:
-        ids = ids[:ids.index(enc.eos)]
+    ids = itertools.takewhile(lambda i: i != enc.eos, ids)
     return enc.decode([i for i in ids if i < enc.eos])
 
 
