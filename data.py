@@ -14,8 +14,8 @@ Two task families, each generated from a seed and each with a verifier:
 
 Every prompt has several valid responses (free step order, equivalent forms
 of different lengths): that is what makes revealing many tokens at once go
-wrong, and so what self-correction has to fix. Splits are disjoint by a hash of the problem, and
-the test set is fixed by its seed so every method meets the same problems.
+wrong, and so what self-correction has to fix. Splits are disjoint by a hash
+of the problem; the test set is fixed by its seed, the same for every method.
 
 The tokenizer is a tiktoken.Encoding built offline: 256 byte tokens, BPE
 merges learned here from the training corpus, digits always single tokens,

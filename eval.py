@@ -67,7 +67,7 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len,
                                         on_step=lambda before, x, back: counts.append(back.sum(1)), **kwargs)
     seconds = time.perf_counter() - t0
-    return responses, passes, seconds, torch.stack(counts), corrector.spent / len(problems) if corrector else 0.0
+    return responses, passes, seconds, torch.stack(counts), float(corrector.spent) / len(problems) if corrector else 0.0
 
 
 def run_ar(model, enc, problems, batch_size=None):

@@ -71,7 +71,7 @@ class ProSeCoCorrector:
         changing = active.clone()
         for _ in range(self.max_passes):
             self.passes += changing  # a row that reached its fixed point costs nothing more
-            self.spent += int(changing.sum())
+            self.spent = self.spent + changing.sum()  # a tensor: no host sync per pass
             out_logits, out_hidden = model(y, return_hidden=True)
             y_next = torch.where(open_, out_logits.argmax(-1), y)
             logits = torch.where(changing[:, None, None], out_logits, logits)
