@@ -133,8 +133,8 @@ def math_problem(rng, level=2):
 
 def math_correct(problem, response):
     """Exact match of the final answer: the number after the last '=' (written with two digits)."""
-    final = response.rsplit("=", 1)[-1].strip()
-    return final.isdigit() and int(final) == problem.answer
+    final = response.rsplit("=", 1)[-1].strip()  # ASCII only: isdigit() takes '³' (int() refuses it) and '٣'
+    return re.fullmatch(r"[0-9]+", final) is not None and int(final) == problem.answer
 
 
 def math_strict_correct(problem, response):
@@ -153,10 +153,10 @@ def _equation_holds(text):
 def _arithmetic(text):
     """The value of a sum or product of numbers (leading zeros allowed), with brackets;
     None if it is anything else."""
-    if not re.fullmatch(r"[\d+*()]+", text):
+    if not re.fullmatch(r"[0-9+*()]+", text):  # not \d: it takes other scripts' digits too
         return None
     try:  # int("07"): Python's own parser refuses leading zeros
-        node = ast.parse(re.sub(r"\d+", lambda m: str(int(m.group())), text), mode="eval").body
+        node = ast.parse(re.sub(r"[0-9]+", lambda m: str(int(m.group())), text), mode="eval").body
     except SyntaxError:
         return None
 
@@ -207,10 +207,12 @@ def code_problem(rng, level=2):
     example = [rng.randint(0, 9) for _ in range(rng.randint(2, 4))]
     prompt = (f"def f(xs):\n    # {spec}\n    # f({json.dumps(example, separators=(',', ':'))})=="
               f"{json.dumps(result(example), separators=(',', ':'))}\n")
-    trng = random.Random(spec)  # hidden tests depend only on the spec
-    # values beyond 0-9 and below 0, and k-1, k, k+1: every condition is both met and missed
-    tests = [[]] + [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
-    tests.append([kc - 1, kc, kc + 1, 10 + kc, -kc])
+    # hidden tests depend only on the spec: [], then 0 and each number in it, up to three
+    # steps either side (at the zero of x-k a threshold one off changes nothing), negated
+    # and past 9, each value alone so that no two wrong terms cancel in a sum; mixed lists
+    ks, trng = [0] + [int(n) for n in re.findall(r"[0-9]+", spec)], random.Random(spec)
+    values = sorted({s * (k + d) for k in ks for d in (*range(-3, 4), 10) for s in (1, -1)})
+    tests = [[]] + [[v] for v in values] + [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]
@@ -235,9 +237,8 @@ def same_value(got, want):
 
 
 def is_correct(problem, response, strict=False):
-    if problem.task == "code":
-        return code_correct(problem, response)
-    return (math_strict_correct if strict else math_correct)(problem, response)
+    verify = code_correct if problem.task == "code" else math_strict_correct if strict else math_correct
+    return verify(problem, response)
 
 
 def score(problems, responses, workers=2, strict=False):

@@ -1,4 +1,7 @@
+import itertools
 import random
+import re
+from functools import lru_cache
 
 import pytest
 import torch
@@ -44,6 +47,20 @@ def test_math_verifier_accepts_every_reference_and_rejects_wrong_answers():
         assert all(data.math_correct(p, r) for r in p.responses)
         assert not data.math_correct(p, p.responses[0] + "1")
         assert not data.math_correct(p, "")
+
+
+def test_a_final_answer_in_other_digits_is_wrong_not_an_error():
+    p = data.Problem("math", "1+2=", [], 3, "1+2=")
+    for response in ["1+2=³", "1+2=٠٣"]:  # superscript three (int() refuses it); Arabic-Indic zero three
+        assert not data.math_correct(p, response), f"{response!r}: only ASCII digits are an answer"
+        assert data.score([p], [response]) == [False], f"{response!r} scored right"
+        assert data.score([p], [response], strict=True) == [False], f"{response!r} scored right by strict"
+
+
+def test_strict_math_reads_only_ascii_digits_in_the_working():
+    p = data.Problem("math", "3+4+5=", [], 12, "3+4+5=")
+    response = "٣+4=07,07+5=12"  # the first step's 3 in Arabic-Indic
+    assert data.math_correct(p, response) and not data.math_strict_correct(p, response), "a step in other digits held"
 
 
 def test_code_verifier_accepts_every_reference_and_rejects_wrong_bodies():
@@ -99,6 +116,83 @@ def test_a_body_that_ignores_its_condition_fails():
     p = next(p for p in (data.code_problem(rng) for _ in range(10 ** 5)) if p.key == "list of x-2 for x in xs if x>9")
     assert all(data.score([p] * len(p.responses), p.responses))
     assert not data.code_correct(p, "    return list(--2 for x in xs if x>9)")  # the issue's: passed on digits 0-9
+
+
+class _Picks(random.Random):
+    """An rng that returns the picks given first: code_problem's op, expression and
+    condition (choice), then its two constants (randint); random draws after them."""
+
+    def __init__(self, *picks):
+        super().__init__(0)
+        self.picks = list(picks)
+
+    def choice(self, seq):
+        return self.picks.pop(0) if self.picks else super().choice(seq)
+
+    def randint(self, a, b):
+        return self.picks.pop(0) if self.picks else super().randint(a, b)
+
+
+@pytest.fixture(scope="module")
+def every_code_draw():
+    """(problem, op, expression, condition) for every draw code_problem can make."""
+    draws = []
+    ops, constants = ("sum", "count", "list"), range(1, 10)
+    for op, e, c, ke, kc in itertools.product(ops, data._EXPRS, data._CONDS, constants, constants):
+        p = data.code_problem(_Picks(op, e, c, ke, kc))
+        expr, cond = ("x" if op == "count" else e.replace("k", str(ke))), c.replace("k", str(kc))
+        spec = ("count" if op == "count" else f"{op} of {expr}") + " for x in xs" + (f" if {cond}" if cond else "")
+        assert p.key == spec, f"the picks were not read in order: {p.key!r} for {spec!r}"
+        draws.append((p, op, expr, cond))
+    return draws
+
+
+def test_hidden_tests_depend_only_on_the_spec(every_code_draw):
+    answers = {}
+    for p, *_ in every_code_draw:
+        assert answers.setdefault(p.key, p.answer) == p.answer, f"{p.key}: two draws of it, two sets of hidden tests"
+
+
+@lru_cache(maxsize=None)
+def _function(body):
+    """f with this body, run here rather than in the sandbox (our own bodies): only for speed."""
+    scope = {}
+    exec("def f(xs):\n" + body, scope)
+    return scope["f"]
+
+
+def _wrong_bodies(op, expr, cond):
+    """Plausible wrong bodies for a spec, each with one thing changed: the reduction; the
+    expression (another operator, its constant off by up to three, the threshold's in its
+    place); or the condition (dropped, its threshold off by up to three, another comparison,
+    the other parity, one more condition: x!=0, x>0, x<0, a parity)."""
+    near = sorted({k + d for k in {0, *map(int, re.findall(r"\d+", expr + cond))} for d in range(-3, 4)})
+    exprs = {t.replace("k", str(j)) for t in ("x", "-x", "x*x", "x*k", "k*x", "x+k", "x-k", "k-x", "k") for j in near}
+    extra = ("x!=0", "x>0", "x<0", "x%2==0", "x%2==1")
+    conds = ({"", "x%2==0", "x%2==1"} | {f"x{cmp}{j}" for cmp in (">", "<", ">=", "<=", "==", "!=") for j in near}
+             | ({f"{cond} and {c}" for c in extra} if cond else set()))
+    variants = [(o, "x" if op == "count" else expr, cond) for o in ("sum", "count", "list") if o != op]
+    variants += [(op, e, cond) for e in exprs if op != "count"] + [(op, expr, c) for c in conds]
+    return [data._bodies(*v)[0] for v in variants if v != (op, expr, cond)]
+
+
+def test_hidden_tests_fail_every_plausible_wrong_body(every_code_draw):
+    """Every spec the generator can make, every wrong body of _wrong_bodies, judged by the
+    verifier's comparison. A body is skipped only if it equals the reference on every list of
+    integers: both reduce per-element terms (a sum, a count or a list of them), so they agree
+    on every list iff on every one-element list; and their thresholds all lie in -3..12,
+    beyond which each term is a polynomial of degree at most 2 on each parity class, so
+    agreeing on -100..100 means agreeing on every integer."""
+    leaks, specs = [], {p.key: (p, op, expr, cond) for p, op, expr, cond in every_code_draw}
+    for p, op, expr, cond in specs.values():  # one draw per spec: the others have the same tests
+        right = _function(p.responses[0])
+        assert all(data.same_value(right(xs), want) for xs, want in p.answer), f"{p.key}: the reference fails"
+        for body in _wrong_bodies(op, expr, cond):
+            wrong = _function(body)
+            if all(data.same_value(wrong(xs), want) for xs, want in p.answer) and not all(
+                    data.same_value(wrong([x]), right([x])) for x in range(-100, 101)):
+                leaks.append(f"{p.key}: {body.strip()}")
+    assert not leaks, f"{len(leaks)} wrong bodies pass their hidden tests, e.g. {leaks[:5]}"
 
 
 def test_strict_math_wants_every_equation_true():
