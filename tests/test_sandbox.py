@@ -1,7 +1,9 @@
-"""Each test tries one way out of the sandbox, the way code that knows it is sandboxed
+"""Most tests try one way out of the sandbox, the way code that knows it is sandboxed
 would, with the audit hook left out (audit_hook=False) so the kernel's containment is
-tested alone. Every hostile action aims at a scratch directory, a process or a socket
-the test owns: a regression fails the test and harms nothing else."""
+tested alone; the others check that correct code passes, and what the audit hook (a
+tripwire) does. Every hostile action aims at a scratch directory, a process or a socket
+the test owns, or stays within the run's limits: a regression fails the test and harms
+nothing else."""
 import os
 import shutil
 import signal
@@ -50,7 +52,8 @@ def shell(command):
 def scratch():
     """A world-traversable directory, as most of a host is: a readable file and a
     world-writable subdirectory, the places an unprivileged process could still write."""
-    path = tempfile.mkdtemp(prefix="sandbox-victim-")
+    # not under /tmp: the sandbox mounts a tmpfs of its own there, which would hide the victim from the code
+    path = tempfile.mkdtemp(prefix="sandbox-victim-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
     os.chmod(path, 0o755)
     with open(os.path.join(path, "victim.txt"), "w") as f:
         f.write("keep")
@@ -122,9 +125,58 @@ def test_the_issue_escape_through_the_hooks_configuration_writes_nothing(scratch
     assert not os.path.exists(escaped)
 
 
-def test_the_audit_hook_refuses_to_be_edited():
-    edit = body("import sys", "hook = sys.modules['__main__']._refuse", "hook.__defaults__ = ((), ())", "return 1")
-    assert sandbox.run(edit, [[1]]) == [None]
+@needs("own uid", "read-only filesystem")
+def test_the_kernel_holds_when_the_code_switches_the_audit_hook_off(scratch):
+    created = os.path.join(scratch, "open", "new")
+    switch_off = "sys.modules['__main__']._refuse.__code__ = (lambda *args: None).__code__"
+    said = sandbox.run(body("import sys", switch_off, *shell(f"echo x > {created}")), [[1]])[0]
+    assert said is not None, "the code could not switch the hook off (it could not fork): the test proves nothing"
+    assert not os.path.exists(created), "with the hook off, the code wrote a host path"
+
+
+def test_the_audit_hook_fails_honest_code_that_writes_a_file():
+    writes = body("open('out.txt', 'w').write('x')", "return 1")  # its own /tmp: the kernel allows it
+    assert sandbox.run(writes, [[1]], audit_hook=False) == [1], "the kernel refused the write: the test proves nothing"
+    assert sandbox.run(writes, [[1]]) == [None], "the audit hook let code write a file"
+
+
+def test_correct_code_using_namedtuple_passes_the_audit_hook():
+    named = "import collections\n" + body("point = collections.namedtuple('point', 'x y')", "return list(point(*xs))")
+    assert sandbox.run(named, [[1, 2]]) == [[1, 2]], "the audit hook failed correct code (namedtuple reads its frame)"
+
+
+def test_correct_code_that_imports_the_standard_library_passes():
+    # math and statistics: an extension module and a pure one the supervisor never loads; utf-16 a codec of a
+    # package (encodings) it did load
+    imports = "import math, statistics\n" + body("return [math.fsum(xs), statistics.median(xs),",
+                                                  "        'x'.encode('utf-16-le').hex()]")
+    assert sandbox.run(imports, [[1, 2]]) == [[3.0, 1.5, "7800"]], "the standard library could not be imported"
+
+
+def test_all_the_runs_processes_together_cannot_hold_more_than_its_memory():
+    # three children of 600 MiB each: each under MEMORY_BYTES, together over it; each holds its memory until all
+    # three have it, or one of them has died
+    size = 600 << 20
+    hold = body("import os, select", "ready_r, ready_w = os.pipe()", "go_r, go_w = os.pipe()", "pids = []",
+                "for _ in range(3):", "    pid = os.fork()", "    if pid == 0:", "        try:",
+                "            os.close(go_w)", f"            held = b'x' * {size}",  # every page written
+                "            os.write(ready_w, b'1')", "            select.select([go_r], [], [], 5)",
+                "            os._exit(0)", "        finally:", "            os._exit(1)", "    pids.append(pid)",
+                "exits, held = [os.pidfd_open(pid) for pid in pids], b''",
+                "while len(held) < 3 and select.select([ready_r] + exits, [], [], 5)[0] == [ready_r]:",
+                "    held += os.read(ready_r, 3)", "os.close(go_w)", "return [os.waitpid(pid, 0)[1] for pid in pids]")
+    statuses = sandbox.run(hold, [[1]], timeout=20, audit_hook=False)
+    assert statuses != [None], "the code itself raised: the test proves nothing"
+    assert statuses is None or any(statuses[0]), f"3 x 600 MiB held at once, over the run's {sandbox.MEMORY_BYTES} B"
+
+
+@needs("CPU per run")
+def test_all_the_runs_processes_together_cannot_use_more_than_its_cpu():
+    # three children of 1.5 s CPU each: each under CPU_SECONDS, together over it
+    spin = body("import os, time", "pids = []", "for _ in range(3):", "    pid = os.fork()", "    if pid == 0:",
+                "        while time.process_time() < 1.5:", "            pass", "        os._exit(0)",
+                "    pids.append(pid)", "return [os.waitpid(pid, 0)[1] for pid in pids]")
+    assert sandbox.run(spin, [[1]], timeout=20, audit_hook=False) is None, "3 x 1.5 s of CPU within the run's 2 s"
 
 
 @needs("own uid")
@@ -180,6 +232,29 @@ def test_a_killed_evaluation_leaves_nothing_running(marker):
     assert processes_with(marker) == []
 
 
+@needs("CPU per run")  # the run's CPU is counted in a cgroup of its own
+def test_a_killed_evaluation_leaves_no_cgroup_behind(marker):
+    sleeper = body("import os", f"os.execv({shutil.which('sleep')!r}, ['sleep', {marker!r}])")
+    evaluator = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); import sandbox\n"
+                                  "sandbox._launcher()  # its probe's cgroup is not the one to watch\n"
+                                  "new_cgroup = sandbox._new_cgroup\n"
+                                  "def made():\n    cgroup = new_cgroup()\n    print(*cgroup.values(), flush=True)\n"
+                                  "    return cgroup\n"
+                                  f"sandbox._new_cgroup = made\nsandbox.run({sleeper!r}, [[1]], audit_hook=False)"],
+                                 stdout=subprocess.PIPE, text=True)
+    directories = evaluator.stdout.readline().split()
+    deadline = time.time() + 30
+    while not processes_with(marker) and time.time() < deadline:
+        time.sleep(0.05)
+    assert directories and all(map(os.path.isdir, directories)), "the run never had a cgroup"
+    evaluator.kill()
+    evaluator.wait()
+    deadline = time.time() + 3  # well within the 5 s the run would otherwise have had
+    while any(map(os.path.exists, directories)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(os.path.exists, directories)), f"the run's cgroup outlived it: {directories}"
+
+
 def test_output_is_read_up_to_a_cap_and_never_held_whole():
     tracemalloc.start()
     try:
@@ -199,6 +274,6 @@ def test_an_infinite_loop_ends_within_its_limits():
 
 
 def test_a_sandbox_that_cannot_start_raises_rather_than_failing_the_code(monkeypatch):
-    monkeypatch.setattr(sandbox, "_launcher", lambda: (["false"], "plain"))
+    monkeypatch.setattr(sandbox, "_launcher", lambda: (["false"], "plain", False))
     with pytest.raises(sandbox.SandboxError):
         sandbox.run(body("return 0"), [[1]])
