@@ -5,10 +5,14 @@ weights_only=True, refused in one line when they do not fit), devices, flag chec
 the MFU peak, the learning-rate schedule, signal holding and distributed setup.
 """
 
+import dataclasses
 import hashlib
+import json
 import math
 import os
+import re
 import signal
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -27,8 +31,9 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path, **state):
-    """Write to a temporary file of this writer's own and rename it over `path`: a crash
-    never leaves half a file and two writers never share one. Refuses a path that holds
+    """Write to a temporary file of this writer's own (PATH.<pid>.<random>.tmp), then rename it over
+    `path`: a crash never leaves half a file and two writers never share one; the temporaries
+    a killed writer left beside `path` are removed first. Refuses a path that holds
     something other than a regular file (a device, a directory) and non-finite tensors."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise CheckpointError(f"{path} is not a regular file; a checkpoint is never written over it")
@@ -37,15 +42,36 @@ def save_checkpoint(path, **state):
         raise CheckpointError(f"not saving {path}: {bad} holds non-finite values")
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    remove_stale_temporaries(path)
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     try:
         torch.save(state, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the checkpoint from other users
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+
+
+def remove_stale_temporaries(path):
+    """Delete the PATH.<pid>.<random>.tmp files whose writer no longer runs (a SIGKILL
+    mid-save leaves one behind)."""
+    directory, name = os.path.dirname(path) or ".", os.path.basename(path)
+    for entry in os.listdir(directory):
+        pid = re.fullmatch(re.escape(name) + r"\.(\d+)\.[0-9a-f]+\.tmp", entry)
+        if pid and not _alive(int(pid.group(1))):
+            os.unlink(os.path.join(directory, entry))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _tensors(state, name="state"):
@@ -74,6 +100,15 @@ def load_checkpoint(path, made_by=None):
         raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(e, 120)})")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
+    for key in ("model_args", "config", "remasking"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{path} is not a checkpoint of this project: its {key} is not a dict")
+    label, causal = ckpt.get("config", {}).get("objective"), ckpt.get("model_args", {}).get("causal", False)
+    if label not in (None, "mdlm", "proseco", "ar"):
+        raise CheckpointError(f"{path} names an objective this project does not train: {label!r}")
+    if "base_fingerprint" not in ckpt and label is not None and (label == "ar") != (causal is True):
+        raise CheckpointError(f"{path} says it was trained with objective {label}, but its model is "
+                              f"{'causal' if causal else 'bidirectional'}")
     ckpt["model"] = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     return ckpt
 
@@ -86,10 +121,12 @@ def _first_line(error, width):
 
 def kind_of(ckpt):
     """What a checkpoint holds: 'head' (train_head.py), or the base's objective, 'mdlm',
-    'proseco' or 'ar' (the autoregressive reference)."""
+    'proseco' or 'ar' (the autoregressive reference). The model's own causal flag decides
+    when the config names no objective (load_checkpoint refuses the two disagreeing)."""
     if "base_fingerprint" in ckpt:
         return "head"
-    return (ckpt.get("config") or {}).get("objective", "mdlm")
+    causal = ckpt.get("model_args", {}).get("causal", False) is True
+    return ckpt.get("config", {}).get("objective") or ("ar" if causal else "mdlm")
 
 
 DIFFUSION = ("mdlm", "proseco")  # the kinds the diffusion decoders (sample.py, eval.py, train_head.py) accept
@@ -149,13 +186,44 @@ def load_model(path, tokenizer_id=None, made_by="python train_base.py", kinds=DI
 
 def rebuild(path, ckpt, module_cls, config_cls):
     """module_cls(config_cls(**model_args)) with the checkpoint's weights, in eval mode;
-    CheckpointError if the saved config or weights do not fit the class."""
+    CheckpointError if the saved config or weights do not fit the class, found by counting
+    parameters before anything is allocated (a config far larger than its weights costs nothing)."""
     try:
-        module = module_cls(config_cls(**ckpt["model_args"]))
+        config = config_cls(**ckpt["model_args"])
+        expected, held = parameter_count(module_cls, config), sum(t.numel() for t in ckpt["model"].values())
+        if expected != held:
+            raise ValueError(f"its model_args make {expected:,} parameters, its weights hold {held:,}")
+        module = module_cls(config)
         module.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError, KeyError, ValueError) as e:
+    except (TypeError, RuntimeError, KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path} does not match {module_cls.__name__}: {_first_line(e, 160)}")
     return module.eval()
+
+
+def parameter_count(module_cls, config):
+    """The parameters (buffers too) of module_cls(config), counted on the meta device, so
+    nothing is allocated: built with one and two layers and extrapolated to config.n_layer,
+    so a huge n_layer costs nothing either. ValueError if the config cannot be built."""
+    def count(n_layer):
+        with torch.device("meta"):
+            module = module_cls(dataclasses.replace(config, n_layer=n_layer))
+        return sum(t.numel() for t in module.state_dict().values())
+    one = count(1)
+    return one + (config.n_layer - 1) * (count(2) - one)
+
+
+def check_fits(n_params, device, bytes_per_param, what):
+    """ValueError, before any allocation, if n_params parameters at bytes_per_param (4 to
+    decode in fp32; 16 to train: weights, gradients and AdamW's two moments) cannot fit in
+    the device's memory."""
+    need = n_params * bytes_per_param
+    if device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise ValueError(f"{what} make a model of {n_params:,} parameters: about {need / 2 ** 30:,.0f} GiB, "
+                         f"more than the {have / 2 ** 30:,.0f} GiB this {device} has")
 
 
 def model_fingerprint(model):
@@ -201,6 +269,39 @@ def check_flags(args, checks=()):
             raise ValueError(f"{flag} must be {want}, got {getattr(args, flag[2:].replace('-', '_'))}")
 
 
+def seed(text):
+    """An argparse type: a seed that torch and random both take, 0 to 2**63 - 1."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_report_path(path, suffix):
+    """ValueError, before any work, where writing a report (.json or .png) to `path` would
+    destroy something: a name without that suffix, or an existing file that is not already
+    such a report (a checkpoint by any spelling of its path, above all)."""
+    if not path.endswith(suffix):
+        raise ValueError(f"{path}: a {suffix} report goes to a file whose name ends {suffix}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                report = f.read(8) == PNG if suffix == ".png" else isinstance(json.loads(f.read()), dict)
+        except (OSError, ValueError):
+            report = False
+        if not report:
+            raise ValueError(f"{path} holds something other than a {suffix} report; not writing over it")
+
+
 def peak_flops(device):
     """The FLOP/s that MFU is measured against: bf16 datasheet peak on a known GPU,
     else a measured fp32 matmul rate on this machine."""
@@ -217,6 +318,22 @@ def peak_flops(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return 2 * 1024 ** 3 * n / (time.perf_counter() - t0), "measured fp32 matmul"
+
+
+@contextmanager
+def interruptible(message="interrupted"):
+    """A script's main, where Ctrl-C and SIGTERM alike raise KeyboardInterrupt wherever they
+    land (a training loop catches it to save first); one that reaches here ends the script
+    with `message` and exit status 130, never a traceback."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        for s in (signal.SIGINT, signal.SIGTERM):  # a second signal must not interrupt the exit
+            signal.signal(s, signal.SIG_IGN)
+        print(message)  # on stdout, as the training loops report their own interruption
+        sys.exit(130)
 
 
 @contextmanager

@@ -112,10 +112,15 @@ def auroc(scores, labels):
     return above.item()
 
 
-def load_head(path, base_fingerprint=None):
-    """A CorrectionHead from its checkpoint, refusing one trained on another base."""
-    ckpt = load_checkpoint(path, made_by="python train_head.py")
+class OtherBase(CheckpointError):
+    """A head trained on another base than the one it is asked to correct."""
+
+
+def load_head(path, base_fingerprint=None, made_by="python train_head.py"):
+    """A CorrectionHead from its checkpoint, refusing one trained on another base
+    (made_by: the command that trains this head again)."""
+    ckpt = load_checkpoint(path, made_by=made_by)
     if base_fingerprint is not None and ckpt.get("base_fingerprint") != base_fingerprint:
-        raise CheckpointError(f"{path} was trained on base {ckpt.get('base_fingerprint')}, but the base "
-                              f"loaded is {base_fingerprint}; retrain it with `python train_head.py`")
+        raise OtherBase(f"{path} was trained on base {ckpt.get('base_fingerprint')}, but the base "
+                              f"loaded is {base_fingerprint}; retrain it with `{made_by}`")
     return rebuild(path, ckpt, CorrectionHead, HeadConfig), ckpt

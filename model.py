@@ -34,6 +34,8 @@ class GPTConfig:
 class SelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, dropout=0.0, causal=False):
         super().__init__()
+        if n_head < 1 or n_embd % n_head:
+            raise ValueError(f"the width {n_embd} is not a multiple of the {n_head} attention heads")
         self.n_head, self.dropout, self.causal = n_head, dropout, causal
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)

@@ -24,6 +24,8 @@ response tokens of rows still decoding, never the prompt, never a mask.
 
 import torch
 
+from common import CheckpointError
+from corrector import load_head
 from model import most_confident
 
 
@@ -56,6 +58,16 @@ class HeadRemask(NoRemask):
     under the threshold rule every send-back costs passes."""
 
     def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=1):
+        whole = lambda v: type(v) is int and v >= 1  # noqa: E731
+        for name, value, holds, want in [
+                ("tau", tau, type(tau) in (int, float) and 0 <= tau <= 1, "a number from 0 to 1"),
+                ("max_per_check", max_per_check, whole(max_per_check), "a whole number, at least 1"),
+                ("fifo_len", fifo_len, whole(fifo_len), "a whole number, at least 1"),
+                ("check_every", check_every, whole(check_every), "a whole number, at least 1"),
+                ("max_per_position", max_per_position, max_per_position is None or whole(max_per_position),
+                 "None or a whole number, at least 1")]:
+            if not holds:
+                raise ValueError(f"{name} must be {want}, got {value!r}")
         self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
         self.check_every, self.max_per_position = check_every, max_per_position
         self.bar = torch.tensor(tau)  # a tensor: a compiled step serves every tau
@@ -84,6 +96,22 @@ class HeadRemask(NoRemask):
 
     def __str__(self):
         return "head(" + ", ".join(f"{k}={v}" for k, v in self.settings().items()) + ")"
+
+
+def head_policy(path, base_fingerprint, made_by="python train_head.py", **overrides):
+    """The DSC policy a head checkpoint holds: its CorrectionHead with the remasking settings
+    saved beside it (picked on validation), `overrides` on top. CheckpointError naming the
+    file where it does not fit the base or its settings are missing or cannot work."""
+    head, ckpt = load_head(path, base_fingerprint, made_by)
+    saved, known = ckpt.get("remasking"), HeadRemask(None).settings()
+    if not isinstance(saved, dict) or set(saved) != set(known):
+        odd = sorted(set(saved) ^ set(known)) if isinstance(saved, dict) else []
+        raise CheckpointError(f"{path} holds no remasking settings of this project ({', '.join(known)})"
+                              + (f": {', '.join(odd)} missing or unknown" if odd else f"; `{made_by}` saves them"))
+    try:
+        return HeadRemask(head, **{**saved, **overrides})
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its remasking setting {e}") from None
 
 
 def remask(p_wrong, eligible, stamps, max_per_check, fifo_len):

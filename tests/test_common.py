@@ -162,3 +162,73 @@ def test_an_output_path_that_would_destroy_something_is_refused(tmp_path, tiny_m
     check_output_path(base, "mdlm", replace=True)  # --resume or --overwrite
     check_output_path(str(tmp_path / "new" / "head.pt"), "head")
     assert other.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", "new", "notes.txt"]
+
+
+# what the adversarial probe found: checkpoints that do not fit end in one line, before any allocation
+
+
+def test_a_checkpoint_whose_config_is_not_a_dict_is_refused(tmp_path, tiny_model, enc):
+    path = saved_tiny(tmp_path, tiny_model, enc, config="mdlm")
+    with pytest.raises(CheckpointError, match="base.pt is not a checkpoint of this project: its config is not a dict"):
+        load_model(path)
+
+
+def test_a_checkpoint_whose_heads_do_not_divide_its_width_is_refused(tmp_path, tiny_model, enc):
+    path = saved_tiny(tmp_path, tiny_model, enc, model_args=dict(vars(tiny_model.config), n_head=5))
+    with pytest.raises(CheckpointError, match="width 32 is not a multiple of the 5 attention heads"):
+        load_model(path)
+
+
+def test_a_checkpoint_whose_config_is_far_larger_than_its_weights_is_refused_before_building_it(tmp_path, tiny_model,
+                                                                                                 enc):
+    # a width of 600,000 would take terabytes to build: the count of parameters says no first
+    path = saved_tiny(tmp_path, tiny_model, enc, model_args=dict(vars(tiny_model.config), n_embd=600_000, n_head=2))
+    with pytest.raises(CheckpointError, match=r"its model_args make [\d,]+ parameters, its weights hold"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("label", [None, "mdlm"])
+def test_an_ar_checkpoint_is_known_by_its_causal_weights_whatever_its_label_says(tmp_path, enc, label):
+    import dataclasses
+    from conftest import tiny_config
+    from model import GPT
+    causal = GPT(dataclasses.replace(tiny_config(enc), causal=True))
+    path = saved_tiny(tmp_path, causal, enc, **({"config": {"objective": label}} if label else {}))
+    with pytest.raises(CheckpointError, match="holds an ar checkpoint|its model is causal"):
+        load_model(path, data.tokenizer_id(enc))  # a diffusion decoder's load
+
+
+def test_the_temporary_file_a_killed_save_left_is_removed_by_the_next_save(tmp_path):
+    import os
+    path = str(tmp_path / "ckpt.pt")
+    stale = tmp_path / f"ckpt.pt.{2 ** 22 + 1}.0123abcd.tmp"  # a pid above Linux's largest: its writer is gone
+    stale.write_bytes(b"x" * 1000)
+    save_checkpoint(path, model={"w": torch.ones(2)}, iter=1)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"], "a dead writer's temporary file outlived the next save"
+
+
+def test_the_temporary_file_of_a_live_writer_is_left_alone(tmp_path):
+    import os
+    live = tmp_path / f"ckpt.pt.{os.getppid()}.0123abcd.tmp"  # our parent runs: it may be mid-save
+    live.write_bytes(b"x")
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model={"w": torch.ones(2)}, iter=1)
+    assert live.exists(), "a save removed another live writer's temporary file"
+
+
+@pytest.mark.parametrize("name", ["report.pt", "report"])
+def test_a_report_goes_only_to_a_file_named_for_it(tmp_path, name):
+    from common import check_report_path
+    with pytest.raises(ValueError, match="a .json report goes to a file whose name ends .json"):
+        check_report_path(str(tmp_path / name), ".json")
+
+
+def test_a_report_never_replaces_a_checkpoint_whatever_its_name(tmp_path, tiny_model, enc):
+    import shutil
+    from common import check_report_path
+    checkpoint = saved_tiny(tmp_path, tiny_model, enc)
+    for suffix in (".json", ".png"):
+        shutil.copy(checkpoint, tmp_path / f"named{suffix}")
+        with pytest.raises(ValueError, match=f"holds something other than a {suffix} report"):
+            check_report_path(str(tmp_path / f"named{suffix}"), suffix)
+    (tmp_path / "old.json").write_text('{"rows": []}')
+    check_report_path(str(tmp_path / "old.json"), ".json")  # an earlier report: replaced, as asked
