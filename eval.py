@@ -32,9 +32,15 @@ split of each task is scored by default. Nothing is cached: every number comes
 from decoding in this run.
 """
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load (seconds): exit 130, no traceback
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda *_: (os.write(2, b"interrupted\n"), os._exit(130)))
+
 import argparse
 import json
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -43,14 +49,13 @@ import torch
 
 import autoregressive
 import data
-from corrector import load_head
-from common import CheckpointError, load_model, model_fingerprint, pick_device
+from common import CheckpointError, check_report_path, interruptible, load_model, model_fingerprint, pick_device, seed
 from proseco import ProSeCoCorrector
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
-from remasking import HeadRemask, RandomRemask, ReMDMConf
+from remasking import HeadRemask, RandomRemask, ReMDMConf, head_policy
 from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
-                    decode_problems, positive)
+                    decode_problems, default_head, positive)
 
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
@@ -81,9 +86,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=checkpoint_path("base.pt"),
                         help="base checkpoint (default: out/base.pt, else the shipped weights/base.pt)")
-    parser.add_argument("--head", default=checkpoint_path("head.pt"), help="DSC head (FCA; default: out/, else weights/)")
-    parser.add_argument("--head-nofca", default=checkpoint_path("head_nofca.pt"),
-                        help="ablation head (no FCA; default: out/, else weights/)")
+    parser.add_argument("--head", default=None, help="DSC head (FCA; default: out/head.pt, else weights/head.pt, "
+                                                     "where it was trained on the base in use)")
+    parser.add_argument("--head-nofca", default=None,
+                        help="ablation head (no FCA; default: out/head_nofca.pt, else weights/, as --head)")
     parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
     parser.add_argument("--ar", default=checkpoint_path("ar.pt"),
                         help="autoregressive twin (train_base.py --objective ar; default: out/, else weights/)")
@@ -109,17 +115,18 @@ def main(argv=None):
     parser.add_argument("--out", default="out/eval.json", help="where the JSON results go")
     parser.add_argument("--plot", action="store_true", help="write the frontier to the --out path with .png")
     parser.add_argument("--speed", action="store_true", help="time the base pass and the head in a decoding step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args(argv)
     try:
         check_blocks(data.GEN_LEN, args.block_len)
+        for k in parse_list(args.tokens_per_step, int):
+            if not 0 < k <= data.GEN_LEN or data.GEN_LEN % k:
+                raise ValueError(f"--tokens-per-step: each must divide {data.GEN_LEN}, got {k}")
         rules = [("fixed", k, FixedSchedule(data.GEN_LEN // k)) for k in parse_list(args.tokens_per_step, int)]
         rules += [("threshold", tau, ConfidenceThreshold(tau)) for tau in parse_list(args.thresholds, float)]
         rules += [("rollback", k, Rollback(k)) for k in parse_list(args.rollback, int)]
         for kind, k, rule in rules:
-            if kind == "fixed" and data.GEN_LEN % k:
-                raise ValueError(f"tokens per step must divide {data.GEN_LEN}, got {k}")
             rule.steps_per_block(data.GEN_LEN, args.block_len)
         overrides = parse_settings(args.head_settings)
         runs = {d: {"base": os.path.join(d, "base.pt"), "head": os.path.join(d, "head.pt"),
@@ -127,20 +134,19 @@ def main(argv=None):
                     "ar": os.path.join(d, "ar.pt")} for d in args.runs} if args.runs else \
             {"": {"base": args.base, "head": args.head, "head_nofca": args.head_nofca, "proseco": args.proseco,
                   "ar": args.ar}}
-        if os.path.isdir(args.out) or any(args.out in paths.values() for paths in runs.values()):
-            raise ValueError(f"--out {args.out} is a directory or a checkpoint this run reads")
+        check_report_path(args.out, ".json")
+        if args.plot:
+            check_report_path(os.path.splitext(args.out)[0] + ".png", ".png")
         device = pick_device(args.device)
         problems = {task: list(data.fixed_problems(task, args.split, args.num)) for task in data.TASKS}
-    except ValueError as e:
+        enc = data.get_tokenizer()
+        loaded = {name: load_run(paths, enc, device, overrides) for name, paths in runs.items()}  # all, before any work
+    except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    enc = data.get_tokenizer()
     rows, runs_out = [], {}
-    for name, paths in runs.items():
-        try:
-            models = load_run(paths, enc, device, overrides)
-        except (CheckpointError, ValueError) as e:
-            sys.exit(f"error: {e}")
+    for name, models in loaded.items():
+        paths = runs[name]
         run_rows = evaluate_run(models, enc, problems, rules, args, device)
         for r in run_rows:
             r["run"] = name
@@ -159,27 +165,35 @@ def main(argv=None):
     if len(runs) > 1:
         print_across_runs(rows, list(runs), comps)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:  # renamed when whole: an interrupted write leaves the old report
         json.dump({"rows": rows, "split": args.split, "num_problems": {t: len(p) for t, p in problems.items()},
                    "block_len": args.block_len, "runs": runs_out, "comparisons": comps,
                    "fewest_passes_within_2_points": {name: [[t, d, p] for (t, d), p in summary(
                        [r for r in rows if r["run"] == name]).items()] for name in runs}}, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
     if args.plot:
         plot([r for r in rows if r["run"] == next(iter(runs))], os.path.splitext(args.out)[0] + ".png")
 
 
 def load_run(paths, enc, device, overrides):
-    """A run's models: the base, its heads as remasking policies, the ProSeCo model if there is one."""
+    """A run's models: the base, its heads as remasking policies (a head path of None: the
+    default, sample.default_head), the ProSeCo model if there is one."""
     base, _ = load_model(paths["base"], data.tokenizer_id(enc))
     fingerprint = model_fingerprint(base)
     heads = {}
-    for name, path in [("dsc", paths["head"]), ("no-fca", paths["head_nofca"])]:
-        if os.path.exists(path):
-            head, ckpt = load_head(path, fingerprint)
-            heads[name] = HeadRemask(head.to(device), **{**ckpt["remasking"], **overrides})
+    for name, key, made_by in [("dsc", "head", "python train_head.py"),
+                               ("no-fca", "head_nofca", "python train_head.py --no-fca")]:
+        path = paths[key]
+        if path is None:
+            policy = default_head(f"{key}.pt", fingerprint, made_by, **overrides)
+        elif os.path.exists(path):
+            policy = head_policy(path, fingerprint, made_by, **overrides)
         else:
-            print(f"note: skipping {name}: {path} does not exist (python train_head.py"
-                  f"{' --no-fca' if name == 'no-fca' else ''} makes it)", file=sys.stderr)
+            policy = None
+            print(f"note: skipping {name}: {path} does not exist ({made_by} makes it)", file=sys.stderr)
+        if policy is not None:
+            policy.head.to(device)
+            heads[name] = policy
     proseco = None
     if os.path.exists(paths["proseco"]):
         proseco = load_model(paths["proseco"], data.tokenizer_id(enc))[0].to(device)
@@ -291,6 +305,10 @@ def parse_settings(text):
             settings[key] = None if value == "None" else float(value) if key == "tau" else int(value)
         except ValueError:
             raise ValueError(f"--head-settings: {key} needs a number, got {value!r}") from None
+    try:
+        HeadRemask(None, **settings)
+    except ValueError as e:
+        raise ValueError(f"--head-settings: {e}") from None
     return settings
 
 
@@ -318,4 +336,5 @@ def step_time(base, head, enc, batch_size, repeats=30):
 
 
 if __name__ == "__main__":
-    main()
+    with interruptible("interrupted: nothing saved"):
+        main()

@@ -20,18 +20,24 @@ ended (an EOS with no mask before it), so passes are counted per row.
     python sample.py --prompt "(3+4)*7="  # your own prompt
 """
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load (seconds): exit 130, no traceback
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda *_: (os.write(2, b"interrupted\n"), os._exit(130)))
+
 import argparse
 import math
-import os
 import sys
 
 import torch
 
 import data
-from corrector import load_head
-from common import CheckpointError, load_model, model_fingerprint, pick_device
+from corrector import OtherBase
+from common import CheckpointError, interruptible, load_model, model_fingerprint, pick_device, seed
 from model import most_confident, propose
-from remasking import HeadRemask, NoRemask
+from remasking import HeadRemask, NoRemask, head_policy
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -41,6 +47,22 @@ def checkpoint_path(name):
     trained = os.path.join("out", name)
     return trained if os.path.exists(trained) or not os.path.exists(os.path.join(SHIPPED, name)) \
         else os.path.join(SHIPPED, name)
+
+
+def default_head(name, base_fingerprint, made_by, **overrides):
+    """The DSC policy (remasking.head_policy) of the head a CLI uses when none is named:
+    checkpoint_path(name), only if it was trained on the base in use (the shipped heads
+    belong with the shipped base); None, with a one-line note, where it is missing or not."""
+    path = checkpoint_path(name)
+    if not os.path.exists(path):
+        print(f"note: no head at {path}; `{made_by}` trains one", file=sys.stderr)
+        return None
+    try:
+        return head_policy(path, base_fingerprint, made_by, **overrides)
+    except OtherBase:
+        print(f"note: skipping {path}: it was trained on another base than the one in use; `{made_by}` trains "
+              "one for it", file=sys.stderr)
+        return None
 
 
 # Two semi-autoregressive blocks of 16 over the 32 response tokens: chosen on validation
@@ -266,8 +288,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=checkpoint_path("base.pt"),
                         help="base model checkpoint (default: out/base.pt, else the shipped weights/base.pt)")
-    parser.add_argument("--head", default=checkpoint_path("head.pt"),
-                        help="DSC correction head, used when the file exists (default: out/, else weights/)")
+    parser.add_argument("--head", default=None,
+                        help="DSC correction head (default: out/head.pt, else the shipped weights/head.pt, "
+                             "where it was trained on the base in use)")
     parser.add_argument("--no-head", action="store_true", help="decode with the base alone")
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--steps", type=int, default=None,
@@ -284,7 +307,7 @@ def main(argv=None):
     parser.add_argument("--prompt", default=None, help=r"decode this prompt instead (write a newline as \n)")
     parser.add_argument("--show", action="store_true",
                         help="print the canvas after every step; [x] marks a token x the step sent back")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (matters when temperature > 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="random seed (matters when temperature > 0)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = parser.parse_args(argv)
     if not (args.temperature >= 0 and math.isfinite(args.temperature)):
@@ -301,10 +324,13 @@ def main(argv=None):
         device = pick_device(args.device)
         model, _ = load_model(args.ckpt, data.tokenizer_id(enc))
         remask = NoRemask()
-        if not args.no_head and os.path.exists(args.head):
-            head, ckpt = load_head(args.head, model_fingerprint(model))
-            remask = HeadRemask(head.to(device), **ckpt["remasking"])
-            print(f"using the correction head {args.head}: {remask} (--no-head to decode without it)")
+        if not args.no_head:
+            fingerprint = model_fingerprint(model)
+            remask = (head_policy(args.head, fingerprint) if args.head
+                      else default_head("head.pt", fingerprint, "python train_head.py")) or NoRemask()
+        if isinstance(remask, HeadRemask):
+            remask.head.to(device)
+            print(f"using the correction head: {remask} (--no-head to decode without it)")
         model.to(device)
         if args.prompt is not None:
             problems = [data.Problem("custom", args.prompt.replace("\\n", "\n"), [], None)]
@@ -342,4 +368,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with interruptible("interrupted"):
+        main()

@@ -17,10 +17,16 @@ unless told to (--resume, --overwrite), and stops before a non-finite gradient
 reaches the weights.
 """
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load (seconds): exit 130, no traceback
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda *_: (os.write(2, b"interrupted\n"), os._exit(130)))
+
 import argparse
 import math
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -31,8 +37,9 @@ from tqdm import tqdm
 
 import autoregressive
 import data
-from common import (CheckpointError, a_kind, check_flags, check_output_path, finish_distributed, kind_of,
-                    load_checkpoint, lr_at, peak_flops, pick_device, save_checkpoint, setup_distributed, uninterrupted)
+from common import (CheckpointError, a_kind, check_fits, check_flags, check_output_path, finish_distributed,
+                    interruptible, kind_of, load_checkpoint, lr_at, parameter_count, peak_flops, pick_device,
+                    save_checkpoint, seed, setup_distributed, uninterrupted)
 from model import GPT, GPTConfig, mdlm_loss
 from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
 from sample import FixedSchedule, decode_problems
@@ -65,7 +72,7 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=400, help="steps between validation and checkpoint")
     p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
     p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
-    p.add_argument("--seed", type=int, default=1, help="data and init seed")
+    p.add_argument("--seed", type=seed, default=1, help="data and init seed")
     p.add_argument("--resume", action="store_true", help="continue from --out: weights, optimizer and data stream")
     p.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a trained checkpoint")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
@@ -90,10 +97,17 @@ def check_args(args):
                         "left off with --objective ar, whose loss has no t"),
                        ("--corrector-input", args.corrector_input is None or args.objective == "proseco",
                         "given only with --objective proseco")])
+    check_fits(parameter_count(GPT, model_config(args)), args.device, 16, "--n-layer, --n-embd and --n-head")
     for task in data.TASKS:  # ValueError now, not at the first validation, if the split is too small
         data.fixed_problems(task, "val", args.eval_problems, args.level)
     check_output_path(args.out, args.objective, replace=args.resume or args.overwrite,
                       how="pass --resume to continue it or --overwrite to replace it")
+
+
+def model_config(args):
+    """The network the flags ask for (a resumed run: the flags its checkpoint set)."""
+    return GPTConfig(vocab_size=data.get_tokenizer().n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
 
 
 def checkpoint_to_resume(args, given, enc):
@@ -106,6 +120,10 @@ def checkpoint_to_resume(args, given, enc):
     if ckpt.get("tokenizer_id") != data.tokenizer_id(enc):
         raise CheckpointError(f"cannot resume: {args.out} was made with tokenizer {ckpt.get('tokenizer_id')}, "
                               f"this code builds {data.tokenizer_id(enc)}")
+    missing = [key for key in ("optimizer", "model_args", "iter", "best_val", "config") if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"cannot resume: {args.out} holds no {', '.join(missing)} (weights for decoding "
+                              "only, as the shipped ones); train afresh with --overwrite or another --out")
     for name, value in given.items():
         if ckpt["model_args"][name] != value:
             flag = "--" + name.replace("_", "-")
@@ -202,8 +220,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    config = GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
+    config = model_config(args)
     start_iter, best_val = 0, float("-inf")
     if ckpt is not None:
         config = GPTConfig(**ckpt["model_args"])
@@ -221,14 +238,17 @@ def main(argv=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if cuda else None)
 
+    # --overwrite keeps the checkpoint it replaces until this run has an evaluated state to save
+    keep_old, saved = args.overwrite and not args.resume and os.path.exists(args.out), False
+
     def checkpoint(it):
+        nonlocal saved
+        saved = True
         if master:  # with the data stream where step `it` left it: --resume sees no batch twice
             save_checkpoint(args.out, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                             model_args=asdict(config), tokenizer_id=data.tokenizer_id(enc), iter=it,
                             best_val=best_val, config=vars(args), **stream)
 
-    # Ctrl-C and SIGTERM both end the loop cleanly, with a checkpoint
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)
     tokens_per_iter = sum(x.numel() for x in data.get_batch(enc, args.batch_size, random.Random(0))) * world
     flops_per_token = raw_model.flops_per_token() * (2 if args.objective == "proseco" else 1)  # proseco: 2 passes
@@ -292,8 +312,13 @@ def main(argv=None):
                                + ("" if improved else f"; below the best {best_val:.1%}, not saved"))
                     if improved:
                         checkpoint(done)  # out/base.pt holds the best evaluated state
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (common.interruptible): save, then exit 130
         bar.close()
+        if keep_old and not saved:
+            if master:
+                print(f"interrupted after step {done}: nothing saved, {args.out} still holds the checkpoint it "
+                      "held before (--overwrite replaces it at this run's first evaluation)")
+            sys.exit(130)
         try:
             checkpoint(done)  # --resume redoes no step and skips none
         except CheckpointError as e:
@@ -308,5 +333,7 @@ def main(argv=None):
     del model  # the DDP wrapper holds the process group: release it before the group is destroyed
     finish_distributed(raw_model, world)
 
+
 if __name__ == "__main__":
-    main()
+    with interruptible("interrupted: nothing saved since the last checkpoint"):
+        main()

@@ -17,9 +17,15 @@ is still masked, and finished); tau is picked on validation problems by
 decoding accuracy at 4 tokens per step.
 """
 
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the imports load (seconds): exit 130, no traceback
+    for _signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signal, lambda *_: (os.write(2, b"interrupted\n"), os._exit(130)))
+
 import argparse
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -31,8 +37,9 @@ from tqdm import tqdm
 
 import data
 from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
-from common import (CheckpointError, check_flags, check_output_path, finish_distributed, load_model, lr_at,
-                    model_fingerprint, peak_flops, pick_device, save_checkpoint, setup_distributed)
+from common import (CheckpointError, check_fits, check_flags, check_output_path, finish_distributed, interruptible,
+                    load_model, lr_at, model_fingerprint, parameter_count, peak_flops, pick_device, save_checkpoint,
+                    seed, setup_distributed)
 from remasking import HeadRemask
 from sample import FixedSchedule, decode_problems, generate
 
@@ -64,7 +71,7 @@ def get_args(argv=None):
                    help="balanced BCE on the drafts, or plain BCE on every revealed response token")
     p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
-    p.add_argument("--seed", type=int, default=1, help="head init and drafts")
+    p.add_argument("--seed", type=seed, default=1, help="head init and drafts")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a trained head")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
     return p.parse_args(argv)
@@ -93,6 +100,8 @@ def check_args(args):
                        ("--val-problems", args.val_problems >= 1, "at least 1")])
     for task in data.TASKS:  # ValueError now, not after training, if the split is too small
         data.fixed_problems(task, "val", args.val_problems)
+    config = HeadConfig(width=args.width, n_layer=args.n_layer)  # the base's width is checked when it loads
+    check_fits(parameter_count(CorrectionHead, config), pick_device(args.device), 16, "--width and --n-layer")
     check_output_path(args.out, "head", inputs={"--base": args.base}, replace=args.overwrite)
 
 
@@ -224,7 +233,6 @@ def main(argv=None):
         train_step_head = DDP(head, device_ids=[local_rank] if cuda else None)
     drafts_base = torch.compile(base, dynamic=False) if cuda and not args.no_compile else base
 
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     peak, peak_name = peak_flops(args.device)
     # per step: two base forward passes (2N FLOPs/token each) and the head's forward+backward (6N)
     tokens_per_step = sum(x.numel() for x in data.get_batch(enc, args.batch_size, random.Random(0)))
@@ -295,8 +303,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
+    with interruptible("interrupted: nothing saved"):
         main()
-    except KeyboardInterrupt:  # while tau is picked, after training
-        print("interrupted: nothing saved")
-        sys.exit(130)

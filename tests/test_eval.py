@@ -7,7 +7,7 @@ import eval as evaluate
 import report
 import train_base
 import train_head
-from conftest import TINY
+from conftest import TINY, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,76 @@ def test_eval_refuses_a_block_length_that_does_not_fit_a_budget(tmp_path):
     with pytest.raises(SystemExit, match="^error: .*") as e:  # one line, before any checkpoint is read
         evaluate.main(["--tokens-per-step", "16", "--block-len", "8", "--base", str(tmp_path / "none.pt")])
     assert e.value.code != 0
+
+
+# what the adversarial probe found: nothing lost, every input checked before the first expensive step
+
+
+@pytest.mark.parametrize("spelling", ["weights/base.pt", "./weights/head.pt", "weights/../weights/ar.pt"])
+def test_eval_out_never_writes_over_a_shipped_checkpoint(spelling, monkeypatch):
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)
+    before = open(spelling, "rb").read()
+    assert "a .json report goes to a file whose name ends .json" in one_line_error(evaluate.main, ["--out", spelling])
+    assert open(spelling, "rb").read() == before
+
+
+def test_eval_out_never_writes_over_a_checkpoint_named_like_a_report(tmp_path, tiny_run):
+    base, _ = tiny_run
+    checkpoint = open(base, "rb").read()
+    report, picture = tmp_path / "eval.json", tmp_path / "eval.png"
+    report.write_bytes(checkpoint)
+    message = one_line_error(evaluate.main, ["--base", base, "--out", str(report)])
+    assert "holds something other than a .json report" in message and report.read_bytes() == checkpoint
+    report.write_text("{}")  # an earlier report may be replaced; the plot beside it is a checkpoint
+    picture.write_bytes(checkpoint)
+    message = one_line_error(evaluate.main, ["--base", base, "--out", str(report), "--plot"])
+    assert "holds something other than a .png report" in message and picture.read_bytes() == checkpoint
+
+
+@pytest.mark.parametrize("setting", ["tau=nan", "tau=2", "check_every=0", "fifo_len=0", "max_per_check=-1"])
+def test_eval_refuses_head_settings_that_cannot_work(setting):
+    assert setting.split("=")[0] in one_line_error(evaluate.main, ["--head-settings", setting])
+
+
+def test_eval_refuses_zero_tokens_per_step_in_one_line():
+    assert "--tokens-per-step" in one_line_error(evaluate.main, ["--tokens-per-step", "0"])
+
+
+def test_eval_refuses_a_seed_torch_cannot_take_with_a_usage_error():
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--seed", str(2 ** 64)])
+    assert stop.value.code == 2
+
+
+def test_eval_checks_every_run_before_decoding_any(tmp_path, tiny_run, monkeypatch):
+    base, _ = tiny_run
+    good, missing = tmp_path / "good", tmp_path / "missing"
+    good.mkdir()
+    shutil.copy(base, good / "base.pt")
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a: pytest.fail("decoded a run before checking the next"))
+    assert "missing/base.pt does not exist" in one_line_error(evaluate.main, ["--runs", str(good), str(missing)])
+
+
+def test_eval_after_the_readme_main_job_on_a_fresh_copy_uses_its_own_weights(tmp_path):
+    """A newcomer's main job (tiny here), then eval: the shipped heads belong with the shipped
+    base, so they are skipped with a note, and the newcomer's base and head are evaluated."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    copy = tmp_path / "fresh"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("out", "runs", ".git", "__pycache__", "tests"))
+
+    def run(*argv):
+        result = subprocess.run([sys.executable, *argv], cwd=copy, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+    run("train_base.py", *TINY, "--max-iters", "2", "--eval-every", "2")
+    run("train_head.py", "--max-iters", "2", "--batch-size", "8", "--val-problems", "2", "--width", "16",
+        "--device", "cpu")
+    result = run("eval.py", "--num", "2", "--tokens-per-step", "4", "--thresholds", "", "--device", "cpu")
+    assert "skipping" in result.stderr and "head_nofca.pt" in result.stderr and "--no-fca" in result.stderr
+    rows = json.load(open(copy / "out" / "eval.json"))["rows"]
+    assert {"base", "dsc"} <= {r["decoder"] for r in rows} and "no-fca" not in {r["decoder"] for r in rows}

@@ -1,4 +1,6 @@
+import os
 import re
+import signal
 
 import pytest
 import torch
@@ -7,6 +9,8 @@ import data
 from corrector import CorrectionHead, HeadConfig
 from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
 from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CountingModel(torch.nn.Module):
@@ -339,3 +343,52 @@ def test_the_shipped_autoregressive_twin_loads_and_still_solves_the_tasks(enc):
         problems = data.fixed_problems(task, "test", 20)
         responses, _ = autoregressive.decode_problems(model, enc, problems)
         assert sum(data.score(problems, responses)) >= 18
+
+
+# what the adversarial probe found: bad heads, seeds and interruptions end in one line
+
+
+def head_with(head_ckpt, tmp_path, **changes):
+    """A copy of the head checkpoint with its remasking settings changed (...: removed)."""
+    state = torch.load(head_ckpt, weights_only=True)
+    state["remasking"] = {**state["remasking"], **changes}
+    for key in [k for k, v in changes.items() if v is ...]:
+        del state["remasking"][key]
+    path = str(tmp_path / "changed_head.pt")
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [({"tau": ...}, "tau missing or unknown"),
+                                             ({"bogus": 1}, "bogus missing or unknown"),
+                                             ({"tau": float("nan")}, "tau must be a number from 0 to 1, got nan"),
+                                             ({"check_every": 0}, "check_every must be a whole number, at least 1")])
+def test_cli_a_head_whose_remasking_settings_cannot_work_is_one_clear_line(ckpt, head_ckpt, tmp_path, changes,
+                                                                          message):
+    error = run_cli("--ckpt", ckpt, "--head", head_with(head_ckpt, tmp_path, **changes), "--num", "1")
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+
+
+def test_cli_refuses_a_seed_torch_cannot_take_with_a_usage_error(ckpt):
+    assert run_cli("--ckpt", ckpt, "--no-head", "--seed", str(2 ** 64)) == "2"
+
+
+def test_cli_skips_a_shipped_head_trained_on_another_base_with_a_note(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no out/head.pt here: the default is the shipped weights/head.pt
+    assert run_cli("--ckpt", ckpt, "--num", "1") is None
+    captured = capsys.readouterr()
+    assert "skipping" in captured.err and "weights/head.pt" in captured.err and "python train_head.py" in captured.err
+    assert "using the correction head" not in captured.out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_the_cli_starts_exits_130_without_a_traceback(signum):
+    import subprocess
+    import sys
+    import time
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--num", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # torch is still importing
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)

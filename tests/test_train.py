@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import train_base
@@ -261,3 +262,77 @@ def test_sigterm_ends_head_training_like_base_training(tmp_path, enc):
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "nothing saved" in stdout and not out.exists()
+
+
+# what the adversarial probe found: one line before any work, and nothing lost at the edges of a run
+
+
+def test_resume_refuses_weights_without_optimizer_state_in_one_line(tmp_path):
+    import os
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "base.pt")
+    shutil.copy(os.path.join(root, "weights", "base.pt"), out)  # the shipped weights: for decoding only
+    assert "holds no optimizer" in one_line_error(train_base.main, ["--out", out, "--resume", "--device", "cpu"])
+
+
+def test_resume_refuses_a_checkpoint_without_model_args_in_one_line(tmp_path, enc):
+    out = tiny_checkpoint(tmp_path / "base.pt", enc)
+    state = torch.load(out, weights_only=True)
+    del state["model_args"]
+    torch.save(state, out)
+    assert "holds no model_args" in one_line_error(train_base.main, TINY + ["--out", out, "--resume"])
+
+
+@pytest.mark.parametrize("flag,value", [("--n-layer", "100000"), ("--n-embd", "600000")])
+def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(tmp_path, flag, value):
+    # in a process of its own: without the check, building it takes this one's memory
+    argv = ["--out", str(tmp_path / "base.pt"), "--device", "cpu", flag, value] + (
+        ["--n-head", "6"] if flag == "--n-embd" else [])
+    proc = _start(argv)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.startswith("error: ") and err.count("\n") == 1 and "GiB" in err, err[-500:]
+
+
+def test_a_head_too_large_for_the_machine_is_refused_before_it_is_built(tmp_path):
+    argv = ["--base", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "head.pt"), "--width", "4000000", "--device", "cpu"]
+    assert "GiB" in one_line_error(train_head.main, argv)
+
+
+@pytest.mark.parametrize("main", [train_base.main, train_head.main])
+def test_a_seed_torch_cannot_take_is_a_usage_error(tmp_path, main):
+    with pytest.raises(SystemExit) as stop:
+        main(["--out", str(tmp_path / "x.pt"), "--seed", str(2 ** 64)])
+    assert stop.value.code == 2
+
+
+def _start(argv):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen([sys.executable, os.path.join(root, "train_base.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_before_the_first_step_exits_130_without_a_traceback(tmp_path):
+    import signal
+    proc = _start([*TINY, "--out", str(tmp_path / "base.pt"), "--max-iters", "100000"])
+    assert "parameters on" in proc.stdout.readline()  # printed after the handler is set, before the first step
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err[-1000:])
+
+
+def test_an_interrupted_overwrite_keeps_the_checkpoint_it_was_to_replace(tmp_path, enc):
+    import signal
+    import time
+    out = tmp_path / "base.pt"
+    before = open(tiny_checkpoint(out, enc), "rb").read()
+    proc = _start([*TINY, "--out", str(out), "--max-iters", "100000", "--eval-every", "100000", "--overwrite"])
+    assert "parameters on" in proc.stdout.readline()
+    time.sleep(1)  # training steps, no evaluation yet
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "still holds the checkpoint it held before" in stdout, stdout[-1000:]
+    assert out.read_bytes() == before, "an interrupted --overwrite replaced a trained checkpoint with an untrained one"
