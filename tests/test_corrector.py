@@ -80,3 +80,16 @@ def test_a_draft_of_another_valid_answer_is_wrong_only_where_the_canvas_rules_th
     n_drafts = drafted.sum(1)
     assert (wrong[n_drafts > shown_b].sum(1) == 0).all() and (n_drafts > shown_b).any()
     assert (wrong[n_drafts < shown_b] == drafted[n_drafts < shown_b]).all() and (n_drafts < shown_b).any()
+
+
+def test_without_references_a_draft_is_wrong_exactly_where_it_differs_from_x0(enc):
+    x0 = data.get_batch(enc, 64, random.Random(0))[1][:1].expand(16, -1).clone()  # one code problem, 16 rows
+    P = x0.shape[1] - data.GEN_LEN
+    answer = x0[0, P:].clone()
+    answer[::2] = (answer[::2] + 1) % enc.mask  # the base drafts x0's response, every other token changed
+    torch.manual_seed(0)
+    _, wrong, drafted, _ = fca_drafts(AlwaysWrites(answer, enc.mask + 1), x0, P, n_drafts=data.GEN_LEN, dt=1 / 32)
+    differs = torch.zeros_like(drafted)
+    differs[:, P:] = answer != x0[:, P:]
+    assert (drafted & differs).any() and (drafted & ~differs).any(), "the drafts hold both kinds"
+    assert torch.equal(wrong, drafted & differs), "a draft equal to x0 is right, one differing from x0 wrong"

@@ -1,6 +1,6 @@
 import torch
 
-from remasking import RandomRemask, remask
+from remasking import HeadRemask, RandomRemask, remask
 
 
 def test_remask_respects_its_budget_and_fifo():
@@ -24,3 +24,33 @@ def test_random_control_replays_the_recorded_counts_then_sends_back_nothing():
     assert chosen.sum(1).tolist() == [min(c, r) for c, r in zip([0, 1, 2, 3], revealed.sum(1).tolist())]
     chosen, state = policy.send_back(state, revealed, None)
     assert not chosen.any()  # past the recorded steps
+
+
+class FixedLogits:
+    """A stand-in head: the logit of P(wrong) it is given, per position, whatever the hidden states."""
+
+    def __init__(self, logits):
+        self.logits = torch.tensor(logits)
+
+    def __call__(self, hidden):
+        return self.logits
+
+
+def first_check(policy, revealed):
+    """What the policy sends back on a fresh canvas once the `revealed` tokens are revealed."""
+    state = policy.after_reveal(policy.start(torch.zeros(revealed.shape, dtype=torch.long)), revealed, None)
+    return policy.send_back(state, revealed, None)[0]
+
+
+def test_the_head_sends_back_a_token_only_if_its_p_wrong_is_above_tau():
+    policy = HeadRemask(FixedLogits([[-2.0, 0.0, 2.0]]), tau=0.5, max_per_check=3, check_every=1)
+    chosen = first_check(policy, torch.ones(1, 3, dtype=torch.bool))  # P(wrong): below, at, above tau
+    assert chosen.tolist() == [[False, False, True]], f"only P(wrong) > tau goes back, got {chosen.tolist()}"
+
+
+def test_the_head_sends_back_at_most_max_per_check_tokens_per_row_the_most_likely_wrong_first():
+    policy = HeadRemask(FixedLogits([[1.0, 3.0, 2.0, 4.0, 0.5], [4.0, 1.0, 3.0, 2.0, 0.5]]), tau=0.5,
+                        max_per_check=2, check_every=1)  # every token above tau
+    chosen = first_check(policy, torch.ones(2, 5, dtype=torch.bool))
+    assert chosen.tolist() == [[False, True, False, True, False], [True, False, True, False, False]], \
+        f"each row sends back its 2 most likely wrong tokens, got {chosen.tolist()}"
