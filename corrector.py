@@ -63,12 +63,13 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
     With fca=False the drafts are made from x_t itself.
 
     Labels: a draft is wrong where it differs from x0, or, given `references` (B, R,
-    GEN_LEN), every valid response of each row's prompt, from the one that agrees
-    most with z's revealed response tokens: a prompt has several valid answers, and
-    on a canvas that shows little, a draft from another valid answer is not an
-    error. Returns (hidden states of the base on z, labels: 1 where a draft is
-    wrong, drafted: the positions drafted, visible: every revealed response
-    position of z)."""
+    GEN_LEN), every valid response of each row's prompt, where it differs from the
+    valid response that agrees with every ground-truth token z shows (x0 always
+    does) and, among those, with the most drafts (ties: x0): a prompt has several
+    valid answers, and a draft from another one is not an error while nothing on
+    the canvas rules that answer out; the drafts never outvote the ground truth.
+    Returns (hidden states of the base on z, labels: 1 where a draft is wrong,
+    drafted: the positions drafted, visible: every revealed response position of z)."""
     B, T = x0.shape
     mask_id = base.config.mask_id
     t = (1 - dt) * torch.rand(B, device=x0.device)
@@ -89,8 +90,12 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
     visible = (z != mask_id) & (torch.arange(T, device=z.device) >= prompt_len)
     target = x0
     if references is not None:
-        shown, response = visible[:, None, prompt_len:], z[:, None, prompt_len:]
-        closest = ((references != response) & shown).sum(-1).argmin(1)  # (B,): fewest disagreements
+        truth, drafts = (visible & ~drafted)[:, None, prompt_len:], drafted[:, None, prompt_len:]
+        differs = references != z[:, None, prompt_len:]
+        consistent = ~(differs & truth).any(-1)  # (B, R): agrees with every ground-truth token shown
+        is_x0 = (references == x0[:, None, prompt_len:]).all(-1)
+        score = 2 * (differs & drafts).sum(-1) + ~is_x0  # fewest drafts contradicted; ties go to x0
+        closest = torch.where(consistent, score, 2 * T + 2).argmin(1)
         target = torch.cat([x0[:, :prompt_len], references[torch.arange(B, device=z.device), closest]], dim=1)
     return hidden, (z != target) & drafted, drafted, visible
 
