@@ -15,7 +15,7 @@ decoder is a model and a remasking policy (remasking.py):
     base      the base alone (LLaDA)
     dsc       the DSC head trained with FCA                      (out/head.pt)
     no-fca    the head trained without FCA                       (out/head_nofca.pt)
-    random    the control: as many tokens as dsc sent back at each step, at random
+    random    the control: as many tokens as dsc sent back at each step of each row, at random
     remdm     ReMDM-conf, training-free
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop (proseco.py): corrector
@@ -53,16 +53,22 @@ from common import CheckpointError, check_report_path, interruptible, load_model
 from proseco import ProSeCoCorrector
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
-from remasking import HeadRemask, RandomRemask, ReMDMConf, head_policy
+from remasking import HeadRemask, RandomRemask, ReMDMConf, head_policy, per_row_counts
 from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
                     decode_problems, default_head, positive)
 
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     """Decode problems, all in one batch by default; returns responses, passes per
-    problem, seconds, send-backs (steps, B), and ProSeCo's corrector passes per
-    problem on average (0 for every other decoder; they are part of the passes)."""
-    counts, batch_size, corrector = [], batch_size or len(problems), kwargs.get("corrector")
+    problem, seconds, send-backs by each row's own step (remasking.per_row_counts), and
+    ProSeCo's corrector passes per problem on average (0 for every other decoder; they
+    are part of the passes)."""
+    counts, active, batch_size, corrector = [], [], batch_size or len(problems), kwargs.get("corrector")
+    mask_id = model.config.mask_id
+
+    def record(before, x, back):  # a row is active at a step where it reveals
+        counts.append(back.sum(1))
+        active.append(((before == mask_id) & (x != mask_id)).any(1))
     if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
         decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
@@ -70,9 +76,10 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
         corrector.spent = 0
     t0 = time.perf_counter()
     responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len,
-                                        on_step=lambda before, x, back: counts.append(back.sum(1)), **kwargs)
+                                        on_step=record, **kwargs)
     seconds = time.perf_counter() - t0
-    return responses, passes, seconds, torch.stack(counts), float(corrector.spent) / len(problems) if corrector else 0.0
+    return (responses, passes, seconds, per_row_counts(torch.stack(counts), torch.stack(active)),
+            float(corrector.spent) / len(problems) if corrector else 0.0)
 
 
 def run_ar(model, enc, problems, batch_size=None):

@@ -7,8 +7,8 @@ masked tokens to reveal, is sample.py's reveal rule).
     HeadRemask    DSC (METHOD.md section 3): the correction head's P(wrong) above
                   tau, at most K per check, a check once per check_every tokens
                   revealed, skipping a FIFO of recent send-backs
-    RandomRemask  the control: as many tokens as a recorded run sent back, step
-                  by step, chosen at random
+    RandomRemask  the control: as many tokens as a recorded run sent back at
+                  each row's each step, chosen at random
     ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the tokens
                   revealed with low confidence go back most often
 
@@ -127,24 +127,40 @@ def remask(p_wrong, eligible, stamps, max_per_check, fifo_len):
 
 
 class RandomRemask(NoRemask):
-    """The control for a head: at the i-th step, counts[i, b] revealed tokens of row b
-    go back, chosen uniformly at random. counts (steps, B) is recorded from a run with
-    the head on the same problems (sample.generate's on_step); steps past the end send
-    nothing back."""
+    """The control for a head: at its i-th step, row b sends back counts[i, b] of its
+    revealed tokens, chosen uniformly at random, where counts (steps, B) is what the head
+    sent back at that row's i-th step of a recorded run on the same problems
+    (per_row_counts). A row's step counts when it reveals, as every row still decoding
+    does, so rows that progress differently or end early keep their own schedule; what a
+    step cannot send back (too few tokens revealed) is owed to the row's next step."""
 
     def __init__(self, counts):
-        self.counts = torch.cat([counts, torch.zeros_like(counts[:1])])  # the extra row: nothing, forever after
+        due = counts.cumsum(0)  # what a row owes by the end of each of its steps
+        self.due = torch.cat([due, due[-1:]])  # the extra row: nothing more, forever after
 
     def start(self, x):
-        return {"step": torch.zeros((), dtype=torch.long, device=x.device)}
+        rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return {"step": rows, "spent": rows}
 
     def send_back(self, state, revealed, hidden, generator=None):
-        step = state["step"].clamp(max=len(self.counts) - 1)
+        step = state["step"].clamp(max=len(self.due) - 1)
+        due = self.due.to(revealed.device)[step, torch.arange(len(step), device=step.device)]
         u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
-        return most_confident(u, revealed, self.counts[step].to(revealed.device)), {"step": state["step"] + 1}
+        chosen = most_confident(u, revealed, due - state["spent"])
+        return chosen, {**state, "spent": state["spent"] + chosen.sum(1)}
+
+    def after_reveal(self, state, revealed_now, confidence):
+        return {**state, "step": state["step"] + revealed_now.any(1)}
 
     def __str__(self):
         return "random"
+
+
+def per_row_counts(sent_back, active):
+    """(steps, B) send-backs by step of the batch -> by each row's own step: entry [i, b]
+    is what row b sent back at the i-th step it was active (zeros after its last)."""
+    order = torch.argsort((~active).long(), dim=0, stable=True)  # each row's active steps first, in order
+    return torch.where(active.gather(0, order), sent_back.gather(0, order), 0)
 
 
 class ReMDMConf(NoRemask):

@@ -1,6 +1,6 @@
 import torch
 
-from remasking import HeadRemask, RandomRemask, remask
+from remasking import HeadRemask, RandomRemask, per_row_counts, remask
 
 
 def test_remask_respects_its_budget_and_fifo():
@@ -15,15 +15,34 @@ def test_remask_respects_its_budget_and_fifo():
     assert chosen.tolist() == [[True, False, False, False, False]]  # position 0 has left the FIFO
 
 
-def test_random_control_replays_the_recorded_counts_then_sends_back_nothing():
-    revealed = torch.rand(4, 20) < 0.5
-    policy = RandomRemask(torch.tensor([[0, 1, 2, 3]]))
-    state = policy.start(torch.zeros(4, 20, dtype=torch.long))
-    chosen, state = policy.send_back(state, revealed, None)
-    assert (chosen & ~revealed).sum() == 0
-    assert chosen.sum(1).tolist() == [min(c, r) for c, r in zip([0, 1, 2, 3], revealed.sum(1).tolist())]
-    chosen, state = policy.send_back(state, revealed, None)
-    assert not chosen.any()  # past the recorded steps
+def test_random_control_sends_back_each_rows_count_at_that_rows_own_step():
+    counts = torch.tensor([[1, 0], [2, 3]])  # (steps, rows): row 1 sends back nothing at its first step
+    policy, revealed = RandomRemask(counts), torch.ones(2, 10, dtype=torch.bool)
+    state = policy.start(torch.zeros(2, 10, dtype=torch.long))
+    sent = []
+    for reveals_now in ([True, False], [True, True], [True, True]):  # row 1 idles at the batch's first step
+        chosen, state = policy.send_back(state, revealed, None)
+        assert not (chosen & ~revealed).any(), "sent back a token that was not revealed"
+        sent.append(chosen.sum(1).tolist())
+        state = policy.after_reveal(state, torch.tensor(reveals_now)[:, None].expand(2, 10), None)
+    assert sent == [[1, 0], [2, 0], [0, 3]], f"each row follows its own steps, got {sent}"
+
+
+def test_random_control_owes_what_a_step_could_not_send_back_to_the_next():
+    policy = RandomRemask(torch.tensor([[3], [0]]))
+    state = policy.start(torch.zeros(1, 10, dtype=torch.long))
+    few = torch.zeros(1, 10, dtype=torch.bool)
+    few[0, :2] = True  # two revealed tokens, three owed
+    chosen, state = policy.send_back(state, few, None)
+    state = policy.after_reveal(state, few, None)
+    chosen_next, _ = policy.send_back(state, torch.ones(1, 10, dtype=torch.bool), None)
+    assert (chosen.sum().item(), chosen_next.sum().item()) == (2, 1), "the step short of tokens did not pass its debt on"
+
+
+def test_per_row_counts_index_each_rows_steps_from_its_first():
+    sent_back = torch.tensor([[1, 0], [2, 5], [3, 7]])
+    active = torch.tensor([[True, False], [True, True], [False, True]])
+    assert per_row_counts(sent_back, active).tolist() == [[1, 5], [2, 7], [0, 0]]
 
 
 class FixedLogits:

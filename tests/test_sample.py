@@ -392,3 +392,28 @@ def test_an_interrupt_while_the_cli_starts_exits_130_without_a_traceback(signum)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, err)
+
+
+@pytest.mark.parametrize("rule", [ConfidenceThreshold(0.9), FixedSchedule(8), Rollback(4)])
+def test_the_random_control_matches_the_heads_send_backs_in_every_row_that_decodes_as_long(enc, rule):
+    """The shipped base and head on validation problems, where rows progress differently:
+    the control replays each row's counts at that row's own steps, so a row sends back
+    exactly what the head's row did unless its answer ended in fewer steps."""
+    from common import load_model, model_fingerprint
+    from remasking import head_policy, per_row_counts
+    base, _ = load_model(os.path.join(ROOT, "weights", "base.pt"), data.tokenizer_id(enc))
+    p = data.encode_prompts(enc, [q.prompt for q in data.fixed_problems("math", "val", 64)])
+
+    def decode(policy):
+        sent, active = [], []
+
+        def record(before, x, back):
+            sent.append(back.sum(1))
+            active.append(((before == enc.mask) & (x != enc.mask)).any(1))
+        generate(base, p, rule, remask=policy, eos_id=enc.eos, on_step=record, generator=torch.Generator().manual_seed(0))
+        return torch.stack(sent), torch.stack(active)
+    head_sent, head_active = decode(head_policy(os.path.join(ROOT, "weights", "head.pt"), model_fingerprint(base)))
+    random_sent, random_active = decode(RandomRemask(per_row_counts(head_sent, head_active)))
+    as_long = random_active.sum(0) >= head_active.sum(0)
+    assert head_sent.sum() > 0 and as_long.sum() > 32, "too few send-backs or rows: the test proves little"
+    assert torch.equal(random_sent.sum(0)[as_long], head_sent.sum(0)[as_long]), "a row's control sent back another count"
