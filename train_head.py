@@ -8,8 +8,8 @@ Train the DSC correction head on the frozen base's own mistakes.
 
 The base (out/base.pt) is frozen: no gradients, eval mode, every forward pass
 under torch.no_grad. Each step makes fresh FCA drafts (corrector.fca_drafts:
-t over nearly the whole time range, each draft judged against the valid
-response closest to its canvas) and trains only the head, with the rare
+t over nearly the whole time range, each draft judged against a valid response
+its canvas's ground truth allows) and trains only the head, with the rare
 'wrong' class weighted up. At the end the head reports, on validation data,
 its AUROC, the positive rate and precision/recall at tau on FCA drafts and on
 the canvases the sampler writes at 4 tokens per step (mid-decoding, by how much
@@ -63,13 +63,14 @@ def get_args(argv=None):
                    help="FCA's dt: t is drawn in [0, 1 - dt), so the head sees canvases up to 1 - dt masked "
                         "(0.5 is the earlier construction)")
     p.add_argument("--labels", choices=("closest", "x0"), default="closest",
-                   help="a draft is wrong against the valid response closest to the canvas, or against the one "
+                   help="a draft is wrong against a valid response the canvas's ground truth allows, or against the one "
                         "response the row was drawn with (x0)")
     p.add_argument("--draft-from", choices=("masked", "extra"), default="masked",
                    help="draft among every masked position of x_{t+t'}, or only those x_t shows (FCA)")
     p.add_argument("--loss", choices=("balanced", "plain"), default="balanced",
                    help="balanced BCE on the drafts, or plain BCE on every revealed response token")
-    p.add_argument("--taus", default="0.5,0.7,0.9,0.95,0.99", help="remask thresholds tried on validation")
+    p.add_argument("--taus", default="0.05,0.1,0.2,0.3,0.4,0.5,0.7,0.9,0.95,0.99",
+                   help="remask thresholds tried on validation")
     p.add_argument("--val-problems", type=int, default=64, help="validation problems per task for picking tau")
     p.add_argument("--seed", type=seed, default=1, help="head init and drafts")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a trained head")
