@@ -94,3 +94,22 @@ def test_without_references_a_draft_is_wrong_exactly_where_it_differs_from_x0(en
     differs[:, P:] = answer != x0[:, P:]
     assert (drafted & differs).any() and (drafted & ~differs).any(), "the drafts hold both kinds"
     assert torch.equal(wrong, drafted & differs), "a draft equal to x0 is right, one differing from x0 wrong"
+
+
+def test_between_two_answers_the_drafts_fit_equally_x0_is_the_one_they_are_judged_against(enc):
+    """Answers A and B (x0) differ at two positions; the drafts agree with A at the first
+    and with B at the second. Where both are drafted, A and B each contradict one draft:
+    the tie goes to x0, so the first draft is the wrong one."""
+    torch.manual_seed(0)
+    x0 = data.get_batch(enc, 64, random.Random(0))[1][:1].expand(256, -1).clone()
+    P = x0.shape[1] - data.GEN_LEN
+    b = x0[0, P:]
+    a, draft = b.clone(), b.clone()
+    a[0], a[1] = (b[0] + 1) % enc.mask, (b[1] + 1) % enc.mask
+    draft[0] = a[0]
+    references = torch.stack([a, b])[None].expand(256, -1, -1)  # A first: argmin alone would pick it
+    _, wrong, drafted, _ = fca_drafts(AlwaysWrites(draft, enc.mask + 1), x0, P, n_drafts=data.GEN_LEN, dt=1 / 32,
+                                      references=references)
+    both = drafted[:, P] & drafted[:, P + 1]
+    assert both.any(), "no row drafted both positions: the test proves nothing"
+    assert wrong[both, P].all() and not wrong[both, P + 1].any(), "the tie did not go to x0"
