@@ -232,3 +232,9 @@ def test_a_report_never_replaces_a_checkpoint_whatever_its_name(tmp_path, tiny_m
             check_report_path(str(tmp_path / f"named{suffix}"), suffix)
     (tmp_path / "old.json").write_text('{"rows": []}')
     check_report_path(str(tmp_path / "old.json"), ".json")  # an earlier report: replaced, as asked
+
+
+def test_a_checkpoint_naming_an_objective_this_project_does_not_train_is_refused(tmp_path, tiny_model, enc):
+    path = saved_tiny(tmp_path, tiny_model, enc, config={"objective": 5})
+    with pytest.raises(CheckpointError, match="names an objective this project does not train"):
+        load_model(path)
