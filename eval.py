@@ -16,7 +16,9 @@ decoder is a model and a remasking policy (remasking.py):
     dsc       the DSC head trained with FCA                      (out/head.pt)
     no-fca    the head trained without FCA                       (out/head_nofca.pt)
     random    the control: as many tokens as dsc sent back at each step of each row, at random
-    remdm     ReMDM-conf, training-free
+    remdm-conf  ReMDM-conf, training-free: the schedule's remasking budget, low-confidence tokens first
+    remdm-loop  ReMDM-loop: a fixed budget on its time grid (sample.LoopSchedule), tokens sent back
+                at random once a block is mostly revealed
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop (proseco.py): corrector
               passes on top of the unmasking steps, as the paper counts them
@@ -53,9 +55,9 @@ from common import CheckpointError, check_report_path, interruptible, load_model
 from proseco import ProSeCoCorrector
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
-from remasking import HeadRemask, RandomRemask, ReMDMConf, head_policy, per_row_counts
-from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
-                    decode_problems, default_head, positive)
+from remasking import HeadRemask, RandomRemask, ReMDMConf, ReMDMLoop, head_policy, per_row_counts
+from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, LoopSchedule, Rollback, check_blocks,
+                    checkpoint_path, decode_problems, default_head, positive)
 
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
@@ -105,8 +107,11 @@ def main(argv=None):
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
                         help="evaluate several training runs instead (seeds.sh makes them): each DIR holds base.pt "
                              "and any of head.pt, head_nofca.pt, proseco.pt, ar.pt; reports each and the mean +- std")
-    parser.add_argument("--remdm-eta", type=positive(float), default=0.05,
-                        help="ReMDM-conf: tokens sent back per step per revealed token")
+    parser.add_argument("--remdm-conf-eta", type=positive(float), default=1.0,
+                        help="ReMDM-conf: the schedule's remasking budget is scaled by this (the authors': 1)")
+    parser.add_argument("--remdm-loop-eta", type=positive(float), default=0.02,
+                        help="ReMDM-loop: each token of a mostly revealed block goes back with this probability "
+                             "per step (the authors': 0.02)")
     parser.add_argument("--corrector-passes", type=positive(int), default=1, help="ProSeCo: corrector passes S per loop")
     parser.add_argument("--corrector-every", type=positive(int), default=1, help="ProSeCo: a corrector loop every omega steps")
     parser.add_argument("--head-settings", default="",
@@ -224,7 +229,10 @@ def evaluate_run(models, enc, problems, rules, args, device):
             decoders = [("base", base, {})] + [(name, base, {"remask": policy}) for name, policy in heads.items()]
             if "dsc" in heads:
                 decoders.append(("random", base, None))  # replays the dsc run's counts, below
-            decoders.append(("remdm", base, {"remask": ReMDMConf(args.remdm_eta), "generator": seeded()}))
+            decoders.append(("remdm-conf", base, {"remask": ReMDMConf(args.remdm_conf_eta), "generator": seeded()}))
+            loop = {"remask": ReMDMLoop(args.remdm_loop_eta), "generator": seeded()}
+            decoders.append(("remdm-loop", base, {**loop, "reveal": LoopSchedule(rule.steps)} if kind == "fixed"
+                             else loop))
             if proseco is not None:
                 decoders += [("proseco-plain", proseco, {}),
                              ("proseco", proseco, {"corrector": ProSeCoCorrector(args.corrector_passes,

@@ -9,17 +9,22 @@ masked tokens to reveal, is sample.py's reveal rule).
                   revealed, skipping a FIFO of recent send-backs
     RandomRemask  the control: as many tokens as a recorded run sent back at
                   each row's each step, chosen at random
-    ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the tokens
-                  revealed with low confidence go back most often
+    ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the noise
+                  schedule's remasking budget, spent on the tokens revealed
+                  with low confidence most often
+    ReMDMLoop     ReMDM-loop: once a block is mostly revealed (sample.LoopSchedule
+                  gets it there early), each of its tokens goes back with prob. eta
 
 A policy is settings plus functions of tensors. Its state (a dict of tensors,
 one row per canvas) goes in and out of every step, so the step stays one
 compiled graph and a policy object can be reused for any number of decodes:
     start(x)                                      -> state
-    send_back(state, revealed, hidden, gen)       -> (bool (B, T), state)
-    after_reveal(state, revealed_now, confidence) -> state
+    send_back(state, revealed, hidden, block, steps_left, gen) -> (bool (B, T), state)
+    after_reveal(state, revealed_now, confidence)               -> state
 `revealed` holds the positions a policy may send back this step: revealed
-response tokens of rows still decoding, never the prompt, never a mask.
+response tokens of rows still decoding, never the prompt, never a mask; `block`
+(T,) marks the current block and `steps_left` counts this step among the block's
+(1: its last, 0: the refill step, where nothing may go back).
 """
 
 import torch
@@ -35,7 +40,7 @@ class NoRemask:
     def start(self, x):
         return {}
 
-    def send_back(self, state, revealed, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
         return torch.zeros_like(revealed), state
 
     def after_reveal(self, state, revealed_now, confidence):
@@ -76,7 +81,7 @@ class HeadRemask(NoRemask):
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return {"stamps": torch.zeros_like(x), "times_sent": torch.zeros_like(x), "since_check": rows}
 
-    def send_back(self, state, revealed, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
         p_wrong = torch.sigmoid(self.head(hidden).float())
         due = state["since_check"] >= self.check_every
         eligible = revealed & due[:, None] & (p_wrong > self.bar)
@@ -142,7 +147,7 @@ class RandomRemask(NoRemask):
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return {"step": rows, "spent": rows}
 
-    def send_back(self, state, revealed, hidden, generator=None):
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
         step = state["step"].clamp(max=len(self.due) - 1)
         due = self.due.to(revealed.device)[step, torch.arange(len(step), device=step.device)]
         u = torch.rand(revealed.shape, device=revealed.device, generator=generator)
@@ -164,24 +169,62 @@ def per_row_counts(sent_back, active):
 
 
 class ReMDMConf(NoRemask):
-    """ReMDM-conf: each revealed token goes back with probability
-    eta * n_revealed * softmax(-its confidence at reveal), so about eta * n_revealed
-    tokens per step, those revealed with the least confidence most often."""
+    """ReMDM-conf as the authors' code runs it, with each block as its sequence.
 
-    def __init__(self, eta=0.05):
+    At a step from block time t (the fraction of the block still masked) to s (the
+    fraction the rule leaves: the rest spread over the steps left, s = t (1 - 1/steps_left)),
+    the schedule allows sigma_max = min(1, s / (1 - t)) remasking; each revealed token of
+    the block goes back with probability eta * sigma_max * softmax(-p), where p is the
+    probability the model gave the token when it was revealed (their `conf` score, set at
+    unmasking), over the block's revealed tokens. So about eta * sigma_max tokens per step,
+    those revealed with the least confidence most often. The authors' eta is 1 (no knob);
+    ours scales it, tuned on validation. Tokens sent back are owed like any masks (the
+    reveal rule's budget), the counterpart of ReMDM raising the unmask probability."""
+
+    def __init__(self, eta=1.0):
         self.eta = eta
 
     def start(self, x):
         return {"revealed_with": torch.zeros(x.shape, dtype=torch.float64, device=x.device)}
 
-    def send_back(self, state, revealed, hidden, generator=None):
-        weight = torch.where(revealed, -state["revealed_with"], float("-inf")).softmax(dim=1).nan_to_num(0.0)
-        p = (self.eta * revealed.sum(1, keepdim=True) * weight).clamp(max=1.0)
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
+        candidates = revealed & block
+        t = (block & ~revealed).sum(1, keepdim=True) / block.sum()  # masked share of the block (rows decoding)
+        s = t * (1 - 1 / steps_left.clamp(min=1))
+        sigma_max = torch.where(t < 1, s / (1 - t).clamp(min=1e-9), 0.0).clamp(max=1.0)
+        weight = torch.where(candidates, -state["revealed_with"], float("-inf")).softmax(dim=1).nan_to_num(0.0)
+        p = (self.eta * sigma_max * weight).clamp(max=1.0)
         u = torch.rand(p.shape, dtype=p.dtype, device=p.device, generator=generator)
-        return (u < p) & revealed, state
+        return (u < p) & candidates, state
 
     def after_reveal(self, state, revealed_now, confidence):
         return {"revealed_with": torch.where(revealed_now, confidence, state["revealed_with"])}
 
     def __str__(self):
-        return f"remdm(eta={self.eta})"
+        return f"remdm-conf(eta={self.eta})"
+
+
+class ReMDMLoop(NoRemask):
+    """ReMDM-loop, with each block as its sequence: plain unmasking until the block is
+    alpha_on revealed, then a loop in which each revealed token of the block goes back
+    with probability eta at every step and as many masks are revealed, then the rest.
+    The authors spend the first (1 - t_on) of the time reaching alpha_on and the loop
+    from t_on down to t_off; sample.LoopSchedule is that time grid as a reveal rule for a
+    fixed budget of steps. Under any other rule the loop runs wherever a block is at least
+    alpha_on revealed. Their settings: eta 0.02, alpha_on 0.9 (t_on 0.55, t_off 0.05)."""
+
+    def __init__(self, eta=0.02, alpha_on=0.9):
+        self.eta, self.alpha_on = eta, alpha_on
+
+    def start(self, x):
+        return {}
+
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
+        candidates = revealed & block
+        masks_held = torch.ceil((1 - self.alpha_on) * block.sum() - 1e-6)  # LoopSchedule's count, the same rounding
+        looping = (block & ~revealed).sum(1, keepdim=True) <= masks_held
+        u = torch.rand(candidates.shape, device=candidates.device, generator=generator)
+        return (u < self.eta) & candidates & looping, state
+
+    def __str__(self):
+        return f"remdm-loop(eta={self.eta})"

@@ -33,7 +33,8 @@ def interval(right, baseline=None, resamples=RESAMPLES, seed=0):
 
 
 # the claims the README makes: (a, b) -> a's accuracy minus b's, on the same problems and reveal setting
-CLAIMS = [("dsc", "base"), ("dsc", "random"), ("dsc", "no-fca"), ("random", "base"), ("remdm", "base"),
+CLAIMS = [("dsc", "base"), ("dsc", "random"), ("dsc", "no-fca"), ("random", "base"), ("dsc", "remdm-conf"),
+          ("dsc", "remdm-loop"), ("remdm-conf", "base"), ("remdm-loop", "base"),
           ("proseco", "proseco-plain"), ("proseco-plain", "base"), ("proseco-equal", "base"), ("dsc", "proseco-equal")]
 
 

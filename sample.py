@@ -74,7 +74,8 @@ class FixedSchedule:
     """LLaDA's schedule: `steps` forward passes per answer, spread evenly over the
     blocks; each reveals ceil(masks owed / steps left in the block), so the block is
     full at its last step. Tokens sent back are owed at once (a hard budget: later
-    steps reveal more), so every method compares at the same passes."""
+    steps reveal more), so every method compares at the same passes, bar the refill
+    step generate adds to a block whose last step sent something back."""
 
     def __init__(self, steps):
         self.steps = steps
@@ -87,11 +88,38 @@ class FixedSchedule:
         return self.steps // n_blocks
 
     def reveal(self, confidence, masked, owed, steps_left):
+        steps_left = steps_left.clamp(min=1)  # the refill step (0 left) reveals what is owed, like the last
         k = torch.minimum(masked.sum(1), torch.div(owed + steps_left - 1, steps_left, rounding_mode="floor"))
         return most_confident(confidence, masked, k)
 
     def __str__(self):
         return f"{self.steps} steps"
+
+
+class LoopSchedule(FixedSchedule):
+    """ReMDM-loop's time grid over a block's n steps (remasking.ReMDMLoop sends back):
+    the step from block time t to s = t - 1/n leaves the block revealed to alpha(s), where
+    alpha rises linearly from 0 at s = 1 to alpha_on at s = t_on, holds there (the loop:
+    a step reveals as many tokens as went back) until t_off, and rises to 1 at s = 0."""
+
+    def __init__(self, steps, alpha_on=0.9, t_on=0.55, t_off=0.05):
+        super().__init__(steps)
+        self.alpha_on, self.t_on, self.t_off = alpha_on, t_on, t_off
+
+    def steps_per_block(self, gen_len, block_len):
+        self.n, self.block_len = super().steps_per_block(gen_len, block_len), block_len
+        return self.n
+
+    def reveal(self, confidence, masked, owed, steps_left):
+        s = (steps_left - 1).clamp(min=0) / self.n  # block time after this step
+        alpha = torch.where(s >= self.t_on, (1 - s) * self.alpha_on / (1 - self.t_on),
+                            torch.where(s > self.t_off, self.alpha_on, 1 - (1 - self.alpha_on) * s / self.t_off))
+        keep = torch.ceil((1 - alpha) * self.block_len - 1e-6).long()  # masks the block holds after this step
+        k = torch.where(steps_left <= 1, masked.sum(1), (owed - keep).clamp(min=0))
+        return most_confident(confidence, masked, k)
+
+    def __str__(self):
+        return f"{self.steps} steps on ReMDM-loop's time grid"
 
 
 class ConfidenceThreshold:
@@ -150,6 +178,10 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     """Decode (B, P) prompt ids into (B, P + GEN_LEN) tokens with a reveal rule and a
     remasking policy. Returns (tokens, forward passes per row (B,)).
 
+    Each block gets the rule's steps and then one refill step (0 steps left), which only
+    a row whose last step sent tokens back still needs: the policy judges the block at
+    its last step too, and a send-back there costs a pass only in that row. The refill
+    step reveals what is left and sends nothing back.
     A row costs a pass at a step only while its current block still has masks; with
     eos_id, a row whose answer has ended (EOS revealed, no mask before it) is filled
     with EOS and stops. on_step(before, after, sent_back) sees every step's canvases.
@@ -164,50 +196,55 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     step_fn = _step_fn(prompt_ids.is_cuda if compile is None else compile)
     x = torch.cat([prompt_ids, torch.full((B, gen_len), mask_id, device=prompt_ids.device)], dim=1)
     pos = torch.arange(P + gen_len, device=x.device)
-    steps_left = torch.arange(max_steps, 0, -1, device=x.device)  # made once: no host-to-device copy per step
+    steps_left = torch.arange(max_steps, -1, -1, device=x.device)  # then the refill step; made once, no copy per step
     state, passes = remask.start(x), torch.zeros(B, dtype=torch.long, device=x.device)
     if corrector is not None:
         corrector.start(x)
     for block_end in range(P + block_len, P + gen_len + 1, block_len):
         open_ = (pos >= P) & (pos < block_end)  # this block, and earlier positions sent back
-        for s in range(max_steps):
+        block = (pos >= block_end - block_len) & (pos < block_end)
+        for s in range(max_steps + 1):
             active = ((x == mask_id) & open_).any(1)  # a row works while its block has masks
             if not active.any():  # the one host sync per step: every row has filled this block
                 break
             passes += active
             before = x
             if corrector is None:
-                x, state, sent_back = step_fn(model, x, open_, active, steps_left[s], state, reveal, remask, P,
+                x, state, sent_back = step_fn(model, x, block, active, steps_left[s], state, reveal, remask, P,
                                               eos_id, temperature, generator)
             else:
                 logits, hidden = model(x, return_hidden=True)
                 if corrector.due(s, last_step=s == max_steps - 1):
                     x, logits, hidden = corrector(model, x, logits, hidden, open_, active)
-                x, state, sent_back = advance(x, logits, hidden, open_, active, steps_left[s], state, reveal, remask,
+                x, state, sent_back = advance(x, logits, hidden, block, active, steps_left[s], state, reveal, remask,
                                               P, mask_id, eos_id, temperature, generator)
             if on_step is not None:
                 on_step(before, x, sent_back)
     return x, passes if corrector is None else passes + corrector.passes
 
 
-def decode_step(model, x, open_, active, steps_left, state, reveal, remask, prompt_len, eos_id=None, temperature=0.0,
+def decode_step(model, x, block, active, steps_left, state, reveal, remask, prompt_len, eos_id=None, temperature=0.0,
                 generator=None):
     """One decoding step over the batch, no host sync: a forward pass, the policy's
-    send-backs among the revealed tokens (never on a block's last step, where nothing
-    could refill them), the rule's reveals among the masked ones. Rows not `active`
-    do not change. Returns (x, policy state, sent_back)."""
+    send-backs among the revealed tokens (never at the refill step, steps_left 0,
+    after which nothing could refill them), the rule's reveals among the masked ones.
+    block (T,) marks the current block: masks are revealed there and in earlier
+    positions sent back. Rows not `active` do not change. Returns (x, policy state,
+    sent_back)."""
     logits, hidden = model(x, return_hidden=True)
-    return advance(x, logits, hidden, open_, active, steps_left, state, reveal, remask, prompt_len,
+    return advance(x, logits, hidden, block, active, steps_left, state, reveal, remask, prompt_len,
                    model.config.mask_id, eos_id, temperature, generator)
 
 
-def advance(x, logits, hidden, open_, active, steps_left, state, reveal, remask, prompt_len, mask_id, eos_id=None,
+def advance(x, logits, hidden, block, active, steps_left, state, reveal, remask, prompt_len, mask_id, eos_id=None,
             temperature=0.0, generator=None):
     """decode_step after its forward pass, given that pass's logits and hidden states."""
     x0, confidence = propose(logits, temperature, generator)
+    pos = torch.arange(x.shape[1], device=x.device)
+    open_ = (pos >= prompt_len) & (pos <= pos.masked_fill(~block, 0).max())  # the block and the response before it
     masked = (x == mask_id) & open_
-    revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 1)
-    sent_back, state = remask.send_back(state, revealed, hidden, generator)
+    revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 0)
+    sent_back, state = remask.send_back(state, revealed, hidden, block, steps_left, generator)
     reveal_now = reveal.reveal(confidence, masked, masked.sum(1) + sent_back.sum(1), steps_left)
     state = remask.after_reveal(state, reveal_now, confidence)
     x = torch.where(sent_back, mask_id, torch.where(reveal_now, x0, x))

@@ -2,6 +2,8 @@ import torch
 
 from remasking import HeadRemask, RandomRemask, per_row_counts, remask
 
+ANYWHERE = (torch.ones(10, dtype=torch.bool), torch.tensor(4))  # block, steps_left: one block, not its last step
+
 
 def test_remask_respects_its_budget_and_fifo():
     p_wrong = torch.tensor([[0.9, 0.8, 0.95, 0.2, 0.99]])
@@ -21,7 +23,7 @@ def test_random_control_sends_back_each_rows_count_at_that_rows_own_step():
     state = policy.start(torch.zeros(2, 10, dtype=torch.long))
     sent = []
     for reveals_now in ([True, False], [True, True], [True, True]):  # row 1 idles at the batch's first step
-        chosen, state = policy.send_back(state, revealed, None)
+        chosen, state = policy.send_back(state, revealed, None, *ANYWHERE)
         assert not (chosen & ~revealed).any(), "sent back a token that was not revealed"
         sent.append(chosen.sum(1).tolist())
         state = policy.after_reveal(state, torch.tensor(reveals_now)[:, None].expand(2, 10), None)
@@ -33,9 +35,9 @@ def test_random_control_owes_what_a_step_could_not_send_back_to_the_next():
     state = policy.start(torch.zeros(1, 10, dtype=torch.long))
     few = torch.zeros(1, 10, dtype=torch.bool)
     few[0, :2] = True  # two revealed tokens, three owed
-    chosen, state = policy.send_back(state, few, None)
+    chosen, state = policy.send_back(state, few, None, *ANYWHERE)
     state = policy.after_reveal(state, few, None)
-    chosen_next, _ = policy.send_back(state, torch.ones(1, 10, dtype=torch.bool), None)
+    chosen_next, _ = policy.send_back(state, torch.ones(1, 10, dtype=torch.bool), None, *ANYWHERE)
     assert (chosen.sum().item(), chosen_next.sum().item()) == (2, 1), "the step short of tokens did not pass its debt on"
 
 
@@ -58,7 +60,7 @@ class FixedLogits:
 def first_check(policy, revealed):
     """What the policy sends back on a fresh canvas once the `revealed` tokens are revealed."""
     state = policy.after_reveal(policy.start(torch.zeros(revealed.shape, dtype=torch.long)), revealed, None)
-    return policy.send_back(state, revealed, None)[0]
+    return policy.send_back(state, revealed, None, *ANYWHERE)[0]
 
 
 def test_the_head_sends_back_a_token_only_if_its_p_wrong_is_above_tau():

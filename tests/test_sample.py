@@ -7,8 +7,9 @@ import torch
 
 import data
 from corrector import CorrectionHead, HeadConfig
-from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf
-from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
+from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf, ReMDMLoop
+from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, LoopSchedule, Rollback, decode_problems, end_answers,
+                    generate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,12 +120,14 @@ def test_an_ended_answer_is_filled_with_eos_and_an_unfinished_one_is_not(enc):
 
 
 @pytest.mark.parametrize("rule", [FixedSchedule(8), ConfidenceThreshold(0.5)])
-@pytest.mark.parametrize("policy", ["head", "random", "remdm"])
+@pytest.mark.parametrize("policy", ["head", "random", "remdm-conf", "remdm-loop"])
 def test_a_policy_never_sends_back_a_prompt_token_or_a_mask(tiny_model, enc, rule, policy):
     p = prompts(enc, 4, task="code")
     policy = {"head": lambda: HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1),
               "random": lambda: RandomRemask(torch.full((64, len(p)), 3)),
-              "remdm": lambda: ReMDMConf(eta=0.5)}[policy]()
+              "remdm-conf": lambda: ReMDMConf(eta=4.0), "remdm-loop": lambda: ReMDMLoop(eta=0.5)}[policy]()
+    if isinstance(policy, ReMDMLoop) and isinstance(rule, FixedSchedule):
+        rule = LoopSchedule(rule.steps)  # its time grid: a block mostly revealed early, where the loop acts
     sent = []
     out, _ = generate(tiny_model, p, rule, remask=policy, generator=torch.Generator().manual_seed(0),
                       on_step=lambda before, x, back: sent.append((before, back)))
@@ -134,13 +137,74 @@ def test_a_policy_never_sends_back_a_prompt_token_or_a_mask(tiny_model, enc, rul
     assert not (out == enc.mask).any()
 
 
-def test_fixed_schedule_keeps_its_budget_with_the_head_and_never_sends_back_on_a_blocks_last_step(tiny_model, enc):
-    back = []
-    out, passes = generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(8),
-                           remask=HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1),
-                           on_step=lambda before, x, b: back.append(b.sum().item()))
-    assert passes.tolist() == [8, 8] and not (out == enc.mask).any()
-    assert sum(back) > 0 and back[3] == back[7] == 0  # blocks of 16 at 4 steps each
+class SendBackOne(NoRemask):
+    """A stand-in policy: at every step, the leftmost revealed token of each row in `rows`."""
+
+    def __init__(self, rows):
+        self.rows = torch.tensor(rows)
+
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
+        first = revealed & (revealed.cumsum(1) == 1)
+        return first & self.rows[:, None], state
+
+
+def test_a_send_back_at_a_blocks_last_step_costs_that_row_one_refill_pass_and_nothing_else(tiny_model, enc):
+    sent = []
+    out, passes = generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(8), remask=SendBackOne([True, False]),
+                           on_step=lambda before, x, back: sent.append(back[0].sum().item()))
+    # blocks of 16 at 4 steps each; the policy acts at each block's last step (3 and 8), so row 0 gets a
+    # refill step after each (4 and 9), at which nothing is sent back
+    assert sent == [0, 1, 1, 1, 0, 1, 1, 1, 1, 0], "a block's last step was not judged, or its refill step was"
+    assert passes.tolist() == [10, 8], "a row paid for a refill it did not need, or got one free"
+    assert not (out == enc.mask).any()
+
+
+def test_at_8_tokens_per_step_the_head_reviews_the_second_block_before_it_is_final(tiny_model, enc):
+    p, sent = prompts(enc, 2, "code"), torch.zeros(2, dtype=torch.long)
+
+    def count(before, x, back):
+        sent.add_(back[:, -BLOCK_LEN:].sum(1))
+    generate(tiny_model, p, FixedSchedule(4), remask=HeadRemask(tiny_head(tiny_model), tau=0.0), on_step=count)
+    assert (sent > 0).all(), "block 2 was final before the head could judge it"
+
+
+def test_remdm_loops_time_grid_holds_a_block_at_alpha_on_and_refills_what_went_back(tiny_model, enc):
+    held, sent = [], []
+
+    def record(before, x, back):
+        held.append((x[0, -data.GEN_LEN:][:BLOCK_LEN] == enc.mask).sum().item())
+        sent.append(back[0].sum().item())
+    generate(tiny_model, prompts(enc, 1, "code"), LoopSchedule(8), remask=ReMDMLoop(eta=0.3),
+             generator=torch.Generator().manual_seed(0), on_step=record)
+    # 4 steps per block of 16: time 1 -> 0.75 reveals to 0.5 of alpha_on's rise, then alpha_on = 0.9 holds
+    # ceil(1.6) = 2 masks through the loop (or what went back, which waits for the next step), then the
+    # last step reveals the rest
+    assert held[:4] == [8, 2, max(2, sent[2]), 0], f"the block's masks after each step: {held[:4]}"
+    assert sent[2] > 0, "nothing went back in the loop: the test proves little"
+
+
+def test_remdm_loop_sends_back_nothing_before_a_block_reaches_alpha_on():
+    policy = ReMDMLoop(eta=1.0)  # every candidate goes back once the loop runs
+    block, revealed = torch.ones(16, dtype=torch.bool), torch.zeros(2, 16, dtype=torch.bool)
+    revealed[0, :13], revealed[1, :14] = True, True  # 3 masks left (not yet looping), 2 (looping)
+    back, _ = policy.send_back(policy.start(revealed), revealed, None, block, torch.tensor(2))
+    assert back.sum(1).tolist() == [0, 14], f"the loop runs from ceil(16 * 0.1) = 2 masks on, got {back.sum(1)}"
+
+
+def test_remdm_conf_spends_the_schedules_budget_least_confident_first():
+    rows = 4000
+    block = torch.ones(16, dtype=torch.bool)
+    revealed = torch.zeros(rows, 16, dtype=torch.bool)
+    revealed[:, :8] = True  # half the block revealed: t = 0.5; with 2 steps left s = 0.25, sigma_max = 0.5
+    policy = ReMDMConf(eta=1.0)
+    confidence = torch.full((rows, 16), 0.9, dtype=torch.float64)
+    confidence[:, 0] = 0.1  # one token revealed with little confidence
+    state = policy.after_reveal(policy.start(revealed), revealed, confidence)
+    back, _ = policy.send_back(state, revealed, None, block, torch.tensor(2), torch.Generator().manual_seed(0))
+    assert abs(back.sum(1).float().mean().item() - 0.5) < 0.05, "not sigma_max tokens per step in expectation"
+    assert back[:, 0].float().mean() > 2 * back[:, 1].float().mean(), "the least confident token is not likeliest"
+    last, _ = policy.send_back(state, revealed, None, block, torch.tensor(1))
+    assert not last.any(), "sent back at a block's last step, where the schedule leaves no mask (s = 0)"
 
 
 def test_the_head_checks_a_row_once_per_check_every_tokens_revealed(tiny_model, enc):
@@ -163,7 +227,8 @@ def test_rollback_keeps_k_per_step_so_send_backs_add_passes(tiny_model, enc):
     back = []
     out, passes = generate(tiny_model, p, Rollback(4), remask=HeadRemask(tiny_head(tiny_model), tau=0.0),
                            on_step=lambda before, x, b: back.append(b.sum().item()))
-    assert sum(back) > 0 and (passes > 8).all() and (passes <= 16).all() and not (out == enc.mask).any()
+    assert sum(back) > 0 and (passes > 8).all() and not (out == enc.mask).any()
+    assert (passes <= 2 * 8 + 2).all(), "more than twice the steps, plus one refill per block"
 
 
 def test_a_position_is_sent_back_at_most_max_per_position_times(tiny_model, enc):
