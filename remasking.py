@@ -6,7 +6,7 @@ masked tokens to reveal, is sample.py's reveal rule).
     NoRemask      LLaDA: a revealed token is final
     HeadRemask    DSC (METHOD.md section 3): the correction head's P(wrong) above
                   tau, at most K per check, a check once per check_every tokens
-                  revealed, skipping a FIFO of recent send-backs
+                  revealed, each position sent back at most once
     RandomRemask  the control: as many tokens as a recorded run sent back at
                   each row's each step, chosen at random
     ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the noise
@@ -57,29 +57,28 @@ class HeadRemask(NoRemask):
     the same at any number of tokens per step), the head scores the row's revealed
     tokens on the pre-reveal canvas of this step's forward pass (no extra base
     pass), and up to max_per_check with P(wrong) > tau go back, most likely wrong
-    first. A position sent back in the row's last fifo_len send-backs is skipped
-    (the FIFO), and none goes back more than max_per_position times: without that
-    cap a token the head distrusts and the model keeps re-predicting loops, and
-    under the threshold rule every send-back costs passes."""
+    first. No position goes back more than max_per_position times: without that cap
+    a token the head distrusts and the model keeps re-predicting loops, and under the
+    threshold rule every send-back costs passes. (The paper skips a FIFO of the
+    positions sent back most recently instead; a cap of one makes that FIFO idle.)"""
 
-    def __init__(self, head, tau=0.5, max_per_check=2, fifo_len=4, check_every=4, max_per_position=1):
+    def __init__(self, head, tau=0.5, max_per_check=2, check_every=4, max_per_position=1):
         whole = lambda v: type(v) is int and v >= 1  # noqa: E731
         for name, value, holds, want in [
                 ("tau", tau, type(tau) in (int, float) and 0 <= tau <= 1, "a number from 0 to 1"),
                 ("max_per_check", max_per_check, whole(max_per_check), "a whole number, at least 1"),
-                ("fifo_len", fifo_len, whole(fifo_len), "a whole number, at least 1"),
                 ("check_every", check_every, whole(check_every), "a whole number, at least 1"),
                 ("max_per_position", max_per_position, max_per_position is None or whole(max_per_position),
                  "None or a whole number, at least 1")]:
             if not holds:
                 raise ValueError(f"{name} must be {want}, got {value!r}")
-        self.head, self.tau, self.max_per_check, self.fifo_len = head, tau, max_per_check, fifo_len
+        self.head, self.tau, self.max_per_check = head, tau, max_per_check
         self.check_every, self.max_per_position = check_every, max_per_position
         self.bar = torch.tensor(tau)  # a tensor: a compiled step serves every tau
 
     def start(self, x):
         rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return {"stamps": torch.zeros_like(x), "times_sent": torch.zeros_like(x), "since_check": rows}
+        return {"times_sent": torch.zeros_like(x), "since_check": rows}
 
     def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
         p_wrong = torch.sigmoid(self.head(hidden).float())
@@ -87,8 +86,8 @@ class HeadRemask(NoRemask):
         eligible = revealed & due[:, None] & (p_wrong > self.bar)
         if self.max_per_position is not None:
             eligible &= state["times_sent"] < self.max_per_position
-        chosen, stamps = remask(p_wrong, eligible, state["stamps"], self.max_per_check, self.fifo_len)
-        return chosen, {"stamps": stamps, "times_sent": state["times_sent"] + chosen.long(),
+        chosen = most_confident(p_wrong, eligible, torch.full_like(due, self.max_per_check, dtype=torch.long))
+        return chosen, {"times_sent": state["times_sent"] + chosen.long(),
                         "since_check": torch.where(due, 0, state["since_check"])}
 
     def after_reveal(self, state, revealed_now, confidence):
@@ -96,7 +95,7 @@ class HeadRemask(NoRemask):
 
     def settings(self):
         """What a checkpoint or a report needs to rebuild this policy around a head."""
-        return {"tau": self.tau, "max_per_check": self.max_per_check, "fifo_len": self.fifo_len,
+        return {"tau": self.tau, "max_per_check": self.max_per_check,
                 "check_every": self.check_every, "max_per_position": self.max_per_position}
 
     def __str__(self):
@@ -117,18 +116,6 @@ def head_policy(path, base_fingerprint, made_by="python train_head.py", **overri
         return HeadRemask(head, **{**saved, **overrides})
     except ValueError as e:
         raise CheckpointError(f"{path}: its remasking setting {e}") from None
-
-
-def remask(p_wrong, eligible, stamps, max_per_check, fifo_len):
-    """DSC's rule on one check: up to max_per_check eligible tokens per row, most likely
-    wrong first, skipping the fifo_len positions the row sent back most recently.
-    `stamps` (B, T) is the FIFO: 0 = never sent back, n = the row's n-th send-back.
-    Returns (chosen (B, T) bool, updated stamps)."""
-    count = stamps.max(dim=1).values  # send-backs so far, per row
-    recent = (stamps > 0) & (stamps > count[:, None] - fifo_len)
-    chosen = most_confident(p_wrong, eligible & ~recent, torch.full_like(count, max_per_check))
-    stamps = torch.where(chosen, count[:, None] + chosen.long().cumsum(dim=1), stamps)
-    return chosen, stamps
 
 
 class RandomRemask(NoRemask):

@@ -130,7 +130,7 @@ def test_eval_out_never_writes_over_a_checkpoint_named_like_a_report(tmp_path, t
     assert "holds something other than a .png report" in message and picture.read_bytes() == checkpoint
 
 
-@pytest.mark.parametrize("setting", ["tau=nan", "tau=2", "check_every=0", "fifo_len=0", "max_per_check=-1"])
+@pytest.mark.parametrize("setting", ["tau=nan", "tau=2", "check_every=0", "max_per_position=0", "max_per_check=-1"])
 def test_eval_refuses_head_settings_that_cannot_work(setting):
     assert setting.split("=")[0] in one_line_error(evaluate.main, ["--head-settings", setting])
 

@@ -1,20 +1,8 @@
 import torch
 
-from remasking import HeadRemask, RandomRemask, per_row_counts, remask
+from remasking import HeadRemask, RandomRemask, per_row_counts
 
 ANYWHERE = (torch.ones(10, dtype=torch.bool), torch.tensor(4))  # block, steps_left: one block, not its last step
-
-
-def test_remask_respects_its_budget_and_fifo():
-    p_wrong = torch.tensor([[0.9, 0.8, 0.95, 0.2, 0.99]])
-    eligible = torch.tensor([[True, True, True, False, False]])  # above tau and revealed
-    stamps = torch.zeros(1, 5, dtype=torch.long)
-    chosen, stamps = remask(p_wrong, eligible, stamps, max_per_check=2, fifo_len=2)
-    assert chosen.tolist() == [[True, False, True, False, False]]  # the 2 most likely wrong eligible ones
-    chosen, stamps = remask(p_wrong, eligible, stamps, max_per_check=2, fifo_len=2)
-    assert chosen.tolist() == [[False, True, False, False, False]]  # the last 2 sent back are skipped
-    chosen, _ = remask(p_wrong, eligible, stamps, max_per_check=2, fifo_len=2)
-    assert chosen.tolist() == [[True, False, False, False, False]]  # position 0 has left the FIFO
 
 
 def test_random_control_sends_back_each_rows_count_at_that_rows_own_step():
