@@ -207,6 +207,16 @@ def test_remdm_conf_spends_the_schedules_budget_least_confident_first():
     assert not last.any(), "sent back at a block's last step, where the schedule leaves no mask (s = 0)"
 
 
+@pytest.mark.parametrize("policy", [ReMDMConf(eta=1e4), ReMDMLoop(eta=1.0)])  # every candidate goes back
+def test_remdm_sends_back_only_tokens_of_the_current_block(policy):
+    block, revealed = torch.arange(20) >= 4, torch.ones(1, 20, dtype=torch.bool)
+    revealed[0, 18:] = False  # an earlier block (0-3) and the current one, 2 masks left: ReMDM-loop's loop runs
+    state = policy.after_reveal(policy.start(revealed), revealed, torch.full((1, 20), 0.5, dtype=torch.float64))
+    back, _ = policy.send_back(state, revealed, None, block, torch.tensor(2), torch.Generator().manual_seed(0))
+    assert back[0, 4:].any(), "nothing went back: the test proves little"
+    assert not back[0, :4].any(), "a token of a finished block went back"
+
+
 def test_the_head_checks_a_row_once_per_check_every_tokens_revealed(tiny_model, enc):
     trace = []
     generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(32),
