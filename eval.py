@@ -108,8 +108,8 @@ def main(argv=None):
                         help="evaluate several training runs instead (seeds.sh makes them): each DIR holds base.pt "
                              "and any of head.pt, head_nofca.pt, proseco.pt, ar.pt; reports each and the mean +- std")
     parser.add_argument("--remdm-conf-eta", type=positive(float), default=4.0,
-                        help="ReMDM-conf: the schedule's remasking budget is scaled by this (the authors' 1; 4 picked on "
-                             "validation as the head's tau is)")
+                        help="ReMDM-conf: the schedule's remasking budget is scaled by this (the authors' 1; 4 "
+                             "picked on validation as the head's tau is)")
     parser.add_argument("--remdm-loop-eta", type=positive(float), default=0.1,
                         help="ReMDM-loop: each token of a mostly revealed block goes back with this probability per "
                              "step (the authors' 0.02; 0.1 picked on validation as the head's tau is)")

@@ -94,7 +94,8 @@ def test_summary_is_the_fewest_mean_passes_within_two_points_of_the_base_at_one_
                                                       "tokens_per_step": k, "accuracy": acc, "mean_passes": passes}
     rows = [row("base", "fixed", 0.90, 20.0, k=1), row("base", "fixed", 0.80, 5.0, k=4),
             row("base", "threshold", 0.885, 7.5), row("base", "threshold", 0.87, 6.0),
-            row("dsc", "threshold", 0.95, 4.0), row("dsc", "fixed", 0.70, 3.0, k=8), row("remdm-conf", "fixed", 0.5, 4.0, k=8)]
+            row("dsc", "threshold", 0.95, 4.0), row("dsc", "fixed", 0.70, 3.0, k=8),
+            row("remdm-conf", "fixed", 0.5, 4.0, k=8)]
     assert report.summary(rows) == {("math", "base"): 7.5, ("math", "dsc"): 4.0, ("math", "remdm-conf"): None}
 
 
