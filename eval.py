@@ -17,7 +17,7 @@ decoder is a model and a remasking policy (remasking.py):
     no-fca    the head trained without FCA                       (out/head_nofca.pt)
     random    the control: as many tokens as dsc sent back at each step of each row, at random
     remdm-conf  ReMDM-conf, training-free: the schedule's remasking budget, low-confidence tokens first
-    remdm-loop  ReMDM-loop: a fixed budget on its time grid (sample.LoopSchedule), tokens sent back
+    remdm-loop  ReMDM-loop: a fixed budget on its time grid (remasking.LoopSchedule), tokens sent back
                 at random once a block is mostly revealed
     proseco-plain   the ProSeCo model decoded like the base      (out/proseco.pt)
     proseco   the ProSeCo model with its corrector loop (proseco.py): corrector
@@ -55,9 +55,9 @@ from common import CheckpointError, check_report_path, interruptible, load_model
 from proseco import ProSeCoCorrector
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
-from remasking import HeadRemask, RandomRemask, ReMDMConf, ReMDMLoop, head_policy, per_row_counts
-from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, LoopSchedule, Rollback, check_blocks,
-                    checkpoint_path, decode_problems, default_head, positive)
+from remasking import HeadRemask, LoopSchedule, RandomRemask, ReMDMConf, ReMDMLoop, head_policy, per_row_counts
+from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
+                    decode_problems, default_head, positive)
 
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
@@ -232,7 +232,7 @@ def evaluate_run(models, enc, problems, rules, args, device):
                 decoders.append(("random", base, None))  # replays the dsc run's counts, below
             decoders.append(("remdm-conf", base, {"remask": ReMDMConf(args.remdm_conf_eta), "generator": seeded()}))
             loop = {"remask": ReMDMLoop(args.remdm_loop_eta), "generator": seeded()}
-            decoders.append(("remdm-loop", base, {**loop, "reveal": LoopSchedule(rule.steps)} if kind == "fixed"
+            decoders.append(("remdm-loop", base, {**loop, "reveal": LoopSchedule(rule)} if kind == "fixed"
                              else loop))
             if proseco is not None:
                 decoders += [("proseco-plain", proseco, {}),

@@ -12,7 +12,7 @@ masked tokens to reveal, is sample.py's reveal rule).
     ReMDMConf     ReMDM-conf (METHOD.md section 5), training-free: the noise
                   schedule's remasking budget, spent on the tokens revealed
                   with low confidence most often
-    ReMDMLoop     ReMDM-loop: once a block is mostly revealed (sample.LoopSchedule
+    ReMDMLoop     ReMDM-loop: once a block is mostly revealed (LoopSchedule
                   gets it there early), each of its tokens goes back with prob. eta
 
 A policy is settings plus functions of tensors. Its state (a dict of tensors,
@@ -196,7 +196,7 @@ class ReMDMLoop(NoRemask):
     alpha_on revealed, then a loop in which each revealed token of the block goes back
     with probability eta at every step and as many masks are revealed, then the rest.
     The authors spend the first (1 - t_on) of the time reaching alpha_on and the loop
-    from t_on down to t_off; sample.LoopSchedule is that time grid as a reveal rule for a
+    from t_on down to t_off; LoopSchedule is that time grid as a reveal rule for a
     fixed budget of steps. Under any other rule the loop runs wherever a block is at least
     alpha_on revealed. Their settings: eta 0.02, alpha_on 0.9 (t_on 0.55, t_off 0.05)."""
 
@@ -208,10 +208,36 @@ class ReMDMLoop(NoRemask):
 
     def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
         candidates = revealed & block
-        masks_held = torch.ceil((1 - self.alpha_on) * block.sum() - 1e-6)  # LoopSchedule's count, the same rounding
+        masks_held = torch.ceil((1 - self.alpha_on) * block.sum() - 1e-6)  # as LoopSchedule rounds it
         looping = (block & ~revealed).sum(1, keepdim=True) <= masks_held
         u = torch.rand(candidates.shape, device=candidates.device, generator=generator)
         return (u < self.eta) & candidates & looping, state
 
     def __str__(self):
         return f"remdm-loop(eta={self.eta})"
+
+
+class LoopSchedule:
+    """ReMDM-loop's time grid as a reveal rule (sample.py's interface) over the n steps per
+    block of a fixed schedule (`fixed`, a sample.FixedSchedule): the step from block time t
+    to s = t - 1/n leaves the block revealed to alpha(s), where alpha rises linearly from 0
+    at s = 1 to alpha_on at s = t_on, holds there (the loop: a step reveals as many tokens
+    as went back) until t_off, and rises to 1 at s = 0."""
+
+    def __init__(self, fixed, alpha_on=0.9, t_on=0.55, t_off=0.05):
+        self.fixed, self.alpha_on, self.t_on, self.t_off = fixed, alpha_on, t_on, t_off
+
+    def steps_per_block(self, gen_len, block_len):
+        self.n, self.block_len = self.fixed.steps_per_block(gen_len, block_len), block_len
+        return self.n
+
+    def reveal(self, confidence, masked, owed, steps_left):
+        s = (steps_left - 1).clamp(min=0) / self.n  # block time after this step
+        alpha = torch.where(s >= self.t_on, (1 - s) * self.alpha_on / (1 - self.t_on),
+                            torch.where(s > self.t_off, self.alpha_on, 1 - (1 - self.alpha_on) * s / self.t_off))
+        keep = torch.ceil((1 - alpha) * self.block_len - 1e-6).long()  # masks the block holds after this step
+        k = torch.where(steps_left <= 1, masked.sum(1), (owed - keep).clamp(min=0))
+        return most_confident(confidence, masked, k)
+
+    def __str__(self):
+        return f"{self.fixed} on ReMDM-loop's time grid"

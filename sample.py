@@ -96,32 +96,6 @@ class FixedSchedule:
         return f"{self.steps} steps"
 
 
-class LoopSchedule(FixedSchedule):
-    """ReMDM-loop's time grid over a block's n steps (remasking.ReMDMLoop sends back):
-    the step from block time t to s = t - 1/n leaves the block revealed to alpha(s), where
-    alpha rises linearly from 0 at s = 1 to alpha_on at s = t_on, holds there (the loop:
-    a step reveals as many tokens as went back) until t_off, and rises to 1 at s = 0."""
-
-    def __init__(self, steps, alpha_on=0.9, t_on=0.55, t_off=0.05):
-        super().__init__(steps)
-        self.alpha_on, self.t_on, self.t_off = alpha_on, t_on, t_off
-
-    def steps_per_block(self, gen_len, block_len):
-        self.n, self.block_len = super().steps_per_block(gen_len, block_len), block_len
-        return self.n
-
-    def reveal(self, confidence, masked, owed, steps_left):
-        s = (steps_left - 1).clamp(min=0) / self.n  # block time after this step
-        alpha = torch.where(s >= self.t_on, (1 - s) * self.alpha_on / (1 - self.t_on),
-                            torch.where(s > self.t_off, self.alpha_on, 1 - (1 - self.alpha_on) * s / self.t_off))
-        keep = torch.ceil((1 - alpha) * self.block_len - 1e-6).long()  # masks the block holds after this step
-        k = torch.where(steps_left <= 1, masked.sum(1), (owed - keep).clamp(min=0))
-        return most_confident(confidence, masked, k)
-
-    def __str__(self):
-        return f"{self.steps} steps on ReMDM-loop's time grid"
-
-
 class ConfidenceThreshold:
     """Fast-dLLM's rule: reveal every masked position of the block whose confidence
     exceeds the threshold, and at least the most confident one, so the number of

@@ -7,9 +7,8 @@ import torch
 
 import data
 from corrector import CorrectionHead, HeadConfig
-from remasking import HeadRemask, NoRemask, RandomRemask, ReMDMConf, ReMDMLoop
-from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, LoopSchedule, Rollback, decode_problems, end_answers,
-                    generate)
+from remasking import HeadRemask, LoopSchedule, NoRemask, RandomRemask, ReMDMConf, ReMDMLoop
+from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +126,7 @@ def test_a_policy_never_sends_back_a_prompt_token_or_a_mask(tiny_model, enc, rul
               "random": lambda: RandomRemask(torch.full((64, len(p)), 3)),
               "remdm-conf": lambda: ReMDMConf(eta=4.0), "remdm-loop": lambda: ReMDMLoop(eta=0.5)}[policy]()
     if isinstance(policy, ReMDMLoop) and isinstance(rule, FixedSchedule):
-        rule = LoopSchedule(rule.steps)  # its time grid: a block mostly revealed early, where the loop acts
+        rule = LoopSchedule(rule)  # its time grid: a block mostly revealed early, where the loop acts
     sent = []
     out, _ = generate(tiny_model, p, rule, remask=policy, generator=torch.Generator().manual_seed(0),
                       on_step=lambda before, x, back: sent.append((before, back)))
@@ -174,7 +173,7 @@ def test_remdm_loops_time_grid_holds_a_block_at_alpha_on_and_refills_what_went_b
     def record(before, x, back):
         held.append((x[0, -data.GEN_LEN:][:BLOCK_LEN] == enc.mask).sum().item())
         sent.append(back[0].sum().item())
-    generate(tiny_model, prompts(enc, 1, "code"), LoopSchedule(8), remask=ReMDMLoop(eta=0.3),
+    generate(tiny_model, prompts(enc, 1, "code"), LoopSchedule(FixedSchedule(8)), remask=ReMDMLoop(eta=0.3),
              generator=torch.Generator().manual_seed(0), on_step=record)
     # 4 steps per block of 16: time 1 -> 0.75 reveals to 0.5 of alpha_on's rise, then alpha_on = 0.9 holds
     # ceil(1.6) = 2 masks through the loop (or what went back, which waits for the next step), then the
