@@ -225,7 +225,7 @@ def test_resume_continues_the_data_stream_bit_for_bit(tmp_path, monkeypatch):
     """Interrupted after step 2 and resumed, a run ends with the weights of one never interrupted."""
     import pytest
     import data
-    monkeypatch.setattr(train_base, "validate", lambda *a: (0.0, {"math": 0.0, "code": 0.0}))  # not what is tested
+    monkeypatch.setattr(train_base, "validate", lambda *a: (0.0, {"math": 0.0, "code": 0.0}, 0.0))  # not what is tested
     whole, split = str(tmp_path / "whole.pt"), str(tmp_path / "split.pt")
     argv = TINY + ["--max-iters", "4", "--eval-every", "100"]
     train_base.main(argv + ["--out", whole])
