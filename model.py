@@ -25,9 +25,6 @@ class GPTConfig:
     n_embd: int = 192
     dropout: float = 0.0
     causal: bool = False  # True: left-to-right attention, the autoregressive twin
-    block_len: int = 0  # >0: block-causal attention over the last gen_len columns (block diffusion)
-    gen_len: int = 32
-    shift: bool = False  # DiffuGPT: token i is read off column i-1's output, as an AR model reads it
 
     @property
     def mask_id(self):
@@ -43,12 +40,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop,
-                                           is_causal=self.causal and attn_mask is None)  # causal: the AR twin
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)  # causal: the AR twin
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -60,8 +56,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
                                  nn.Dropout(dropout))
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln1(x), attn_mask)
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
 
@@ -98,15 +94,11 @@ class GPT(nn.Module):
         pos = torch.arange(self.config.block_size - idx.shape[1], self.config.block_size, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)
         hidden = x
-        attn_mask = block_causal_mask(idx.shape[1], self.config.gen_len, self.config.block_len, idx.device) \
-            if self.config.block_len else None
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask)
+            x = block(x)
             if i == len(self.blocks) - 2:
                 hidden = x
         logits = self.lm_head(self.ln_f(x)) + self.never_mask
-        if self.config.shift:  # column 0's row is a copy: the prompt is never predicted
-            logits, hidden = (torch.cat([t[:, :1], t[:, :-1]], 1) for t in (logits, hidden))
         return (logits, hidden) if return_hidden else logits
 
     def num_params(self):
@@ -117,14 +109,6 @@ class GPT(nn.Module):
         a causal model attends to half the pairs on average."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size // (2 if c.causal else 1)
-
-
-def block_causal_mask(width, gen_len, block_len, device=None):
-    """(width, width) bool, True where a query column may read a key column: the prompt reads
-    the prompt, each response block the prompt, the blocks before it and itself (BD3-LM)."""
-    col = torch.arange(width, device=device)
-    block = torch.div(col - (width - gen_len), block_len, rounding_mode="floor").clamp(min=-1) + 1  # prompt: 0
-    return block[None, :] <= block[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -145,34 +129,16 @@ def mask_response(x0, prompt_len, t, mask_id):
     return torch.where(masked, mask_id, x0), masked
 
 
-def mask_decoder_canvas(x0, prompt_len, t, mask_id, block_len):
-    """The canvases the block decoder shows the model (block diffusion, BD3-LM): in each row
-    one block of the response is being decoded, each of its tokens masked with probability t;
-    the blocks before it are clean and the blocks after it all masks. `masked` marks the
-    current block's masked tokens only: the later blocks' predictions are never used."""
-    n_blocks = (x0.shape[1] - prompt_len) // block_len
-    start = prompt_len + block_len * torch.randint(n_blocks, (x0.shape[0], 1), device=x0.device)
-    pos = torch.arange(x0.shape[1], device=x0.device)
-    current = (pos >= start) & (pos < start + block_len)
-    masked = current & (torch.rand(x0.shape, device=x0.device) < t[:, None])
-    return torch.where(masked | (pos >= start + block_len), mask_id, x0), masked
-
-
-def mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight=False, t_low=0.0, block_len=None):
+def mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight=False, t_low=0.0):
     """Masked diffusion loss. Default: mean cross-entropy over masked positions
     (it learns far faster than the ELBO at this scale: its 1/t weight is noisy); with
     elbo_weight, the MDLM bound: CE weighted by 1/t, summed, over response tokens.
-    block_len: on the block decoder's canvases (mask_decoder_canvas) instead of masks
-    anywhere in the response. Returns (loss, logits, t, masked) so a caller can build on
-    this forward pass."""
+    Returns (loss, logits, t, masked) so a caller can build on this forward pass."""
     t = antithetic_t(x0.shape[0], x0.device, low=t_low)
-    if block_len is None:
-        xt, masked = mask_response(x0, prompt_len, t, mask_id)
-    else:
-        xt, masked = mask_decoder_canvas(x0, prompt_len, t, mask_id, block_len)
+    xt, masked = mask_response(x0, prompt_len, t, mask_id)
     logits = model(xt)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")  # (B, T), dense: no indexing
-    n_response = x0.shape[1] - prompt_len if block_len is None else block_len
+    n_response = x0.shape[1] - prompt_len
     return weighted_ce(ce, masked, t, n_response, elbo_weight), logits, t, masked
 
 

@@ -42,7 +42,7 @@ from common import (CheckpointError, a_kind, check_fits, check_flags, check_outp
                     save_checkpoint, seed, setup_distributed, uninterrupted)
 from model import GPT, GPTConfig, mdlm_loss
 from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
-from sample import BLOCK_LEN, FixedSchedule, decode_problems
+from sample import FixedSchedule, decode_problems
 
 
 def get_args(argv=None):
@@ -69,13 +69,6 @@ def get_args(argv=None):
                         f"{CORRECTOR_INPUT}; proseco.py)")
     p.add_argument("--elbo-weight", action="store_true",
                    help="weight the loss by 1/t (the MDLM bound) instead of mean CE; not for ar")
-    p.add_argument("--canvases", choices=["anywhere", "decoder"], default="anywhere",
-                   help="mdlm: masks anywhere in the response, or the block decoder's canvases")
-    p.add_argument("--block-causal", action="store_true",
-                   help="each response block attends to the prompt, earlier blocks and itself")
-    p.add_argument("--shift", action="store_true", help="DiffuGPT's shift: column i-1 predicts token i")
-    p.add_argument("--ar-steps", type=int, default=0,
-                   help="mdlm: train the first N steps as the autoregressive twin (causal, next token), then diffuse")
     p.add_argument("--eval-every", type=int, default=400, help="steps between validation and checkpoint")
     p.add_argument("--eval-problems", type=int, default=64, help="validation problems per task decoded at 1 token/step")
     p.add_argument("--level", type=int, default=2, help="task difficulty (1-3 math, 1-2 code)")
@@ -114,9 +107,7 @@ def check_args(args):
 def model_config(args):
     """The network the flags ask for (a resumed run: the flags its checkpoint set)."""
     return GPTConfig(vocab_size=data.get_tokenizer().n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar",
-                     block_len=BLOCK_LEN if args.block_causal else 0, gen_len=data.GEN_LEN,
-                     shift=args.shift)
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
 
 
 def checkpoint_to_resume(args, given, enc):
@@ -163,17 +154,6 @@ def loss_of(objective, corrector_input=CORRECTOR_INPUT):
     return lambda *a: mdlm_loss(*a)[0]
 
 
-def shifted_ar_loss(model, x0, prompt_len, *_):
-    logits = model(x0)
-    return torch.nn.functional.cross_entropy(logits[:, prompt_len:].float().transpose(1, 2), x0[:, prompt_len:])
-
-
-def loss_for(args):
-    if args.objective == "mdlm" and args.canvases == "decoder":
-        return lambda *a: mdlm_loss(*a, block_len=BLOCK_LEN)[0]
-    return loss_of(args.objective, args.corrector_input)
-
-
 @torch.no_grad()
 def validate(model, enc, args, ctx):
     """Validation loss on fixed batches and exact accuracy per task at one token per step
@@ -182,7 +162,7 @@ def validate(model, enc, args, ctx):
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     state = torch.get_rng_state()
     torch.manual_seed(0)  # the same masks every time: the loss is comparable across evaluations
-    val_loss = loss_for(args) if args.objective == "mdlm" else loss_of("ar" if args.objective == "ar" else "mdlm")  # proseco: its masked loss alone
+    val_loss = loss_of("ar" if args.objective == "ar" else "mdlm")  # proseco: its masked loss alone
     losses = []
     for _ in range(4):
         batches = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level)
@@ -234,7 +214,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.objective == "proseco" and args.corrector_input is None:  # a resumed run keeps its own
         args.corrector_input = (ckpt and ckpt["config"].get("corrector_input")) or CORRECTOR_INPUT
-    loss_fn = loss_for(args)
+    loss_fn = loss_of(args.objective, args.corrector_input)
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
     if cuda:
@@ -301,12 +281,8 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
             batches = data.get_batch(enc, args.batch_size, rng, level=args.level)
-            warm = it < args.ar_steps
-            for block in raw_model.blocks:
-                block.attn.causal = warm
             with ctx:
-                loss = batch_loss((shifted_ar_loss if args.shift else loss_of("ar")) if warm else loss_fn, model,
-                                  batches, enc, args)
+                loss = batch_loss(loss_fn, model, batches, enc, args)
             if not torch.isfinite(loss):  # stop before a NaN reaches the weights; the last checkpoint stays
                 bar.close()
                 sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")
