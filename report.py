@@ -7,8 +7,12 @@ runs, and the plot.
 The intervals cover the problems drawn, not the training run: the checkpoints
 are held fixed. What a different seed would do is what several runs
 (eval.py --runs) show, as mean +- standard deviation across them.
+
+    python report.py runs/seed11/eval.json runs/seed12/eval.json   # across runs, from saved reports
 """
 
+import argparse
+import json
 import sys
 
 import torch
@@ -209,3 +213,31 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def main(argv=None):
+    """The across-runs tables from eval.py reports saved apart (seeds.sh writes one per
+    seed, so a seed evaluated in another session counts): nothing is decoded again."""
+    parser = argparse.ArgumentParser(description="mean +- std across the runs in saved eval.py reports")
+    parser.add_argument("reports", nargs="+", metavar="JSON", help="eval.py --out files, one or more runs each")
+    args = parser.parse_args(argv)
+    rows, comps, runs, splits = [], [], [], set()
+    for path in args.reports:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            names, splits = list(saved["runs"]), splits | {saved["split"]}
+            rows += saved["rows"]
+            comps += [{**c, "a": tuple(c["a"]), "b": tuple(c["b"])} for c in saved["comparisons"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"error: {path}: not an eval.py report ({type(e).__name__}: {e})")
+        if set(names) & set(runs):
+            sys.exit(f"error: {path}: run {sorted(set(names) & set(runs))[0]} is already in an earlier report")
+        runs += names
+    if len(splits) > 1:
+        sys.exit(f"error: the reports score different splits ({', '.join(sorted(splits))})")
+    print_across_runs(rows, runs, comps)
+
+
+if __name__ == "__main__":
+    main()
