@@ -2,7 +2,7 @@
 Train the masked diffusion LM from scratch on both task families (or, with
 --objective ar, the same network as an autoregressive reference: autoregressive.py).
 
-    python train_base.py                      # CPU default: 28-40 minutes on 2 cores
+    python train_base.py                      # CPU default: about 30 minutes on 2 cores
     python train_base.py --resume             # continue out/base.pt, its data stream included
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     python train_base.py --objective ar       # the autoregressive reference, same network -> out/ar.pt
@@ -57,7 +57,7 @@ def get_args(argv=None):
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default: 6 on CPU, 8 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 128 CPU, 512 CUDA)")
     p.add_argument("--max-iters", type=int, default=None,
-                   help="optimizer steps (default: 2400 CPU, 4000 CUDA, ar as mdlm; half for proseco, "
+                   help="optimizer steps (default: 3400 CPU, 4000 CUDA, ar as mdlm; half for proseco, "
                         "whose step costs two)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak")
@@ -197,11 +197,11 @@ def main(argv=None):
     given = {name: getattr(args, name) for name in ARCHITECTURE if getattr(args, name) is not None}
     # defaults sized for the machine: a CPU run that fits in 30 minutes, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
-                                        ("batch_size", 128, 512), ("max_iters", 2400, 4000)]:
+                                        ("batch_size", 128, 512), ("max_iters", 3400, 4000)]:
         if getattr(args, name) is None:
             setattr(args, name, cuda_value if cuda else cpu_value)
             if name == "max_iters" and args.objective == "proseco":
-                args.max_iters //= 2  # two forward/backward passes a step: the same wall-clock budget
+                args.max_iters //= 2  # two forward/backward passes a step: the same FLOPs
     if args.out is None:
         args.out = {"mdlm": "out/base.pt", "proseco": "out/proseco.pt", "ar": "out/ar.pt"}[args.objective]
     enc = data.get_tokenizer()
