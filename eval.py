@@ -99,7 +99,8 @@ def main(argv=None):
                                                      "where it was trained on the base in use)")
     parser.add_argument("--head-nofca", default=None,
                         help="ablation head (no FCA; default: out/head_nofca.pt, else weights/, as --head)")
-    parser.add_argument("--proseco", default="out/proseco.pt", help="ProSeCo model (train_base.py --objective proseco)")
+    parser.add_argument("--proseco", default=checkpoint_path("proseco.pt"),
+                        help="ProSeCo model (train_base.py --objective proseco; default: out/, else weights/)")
     parser.add_argument("--ar", default=checkpoint_path("ar.pt"),
                         help="autoregressive twin (train_base.py --objective ar; default: out/, else weights/)")
     parser.add_argument("--latency", type=positive(int), default=None, metavar="N",
