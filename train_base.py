@@ -2,7 +2,7 @@
 Train the masked diffusion LM from scratch on both task families (or, with
 --objective ar, the same network as an autoregressive reference: autoregressive.py).
 
-    python train_base.py                      # CPU default: about 30 minutes on 2 cores
+    python train_base.py                      # CPU default: 28-45 minutes on 2 cores, by machine
     python train_base.py --resume             # continue out/base.pt, its data stream included
     python train_base.py --objective proseco  # ProSeCo: unmask and correct, one network -> out/proseco.pt
     python train_base.py --objective ar       # the autoregressive reference, same network -> out/ar.pt
