@@ -70,9 +70,9 @@ def test_head_training_and_eval_without_a_base_say_what_to_run(tmp_path):
     import pytest
     import eval as evaluate
     missing = str(tmp_path / "base.pt")
-    for main, flag in [(train_head.main, "--base"), (evaluate.main, "--base")]:
+    for main, out in [(train_head.main, "head.pt"), (evaluate.main, "eval.json")]:  # out/ may hold a user's runs
         with pytest.raises(SystemExit, match=r"base.pt does not exist; run `python train_base.py`"):
-            main([flag, missing])
+            main(["--base", missing, "--out", str(tmp_path / out)])
 
 
 def test_a_head_trained_on_another_base_is_refused(tmp_path):
