@@ -195,7 +195,7 @@ def main(argv=None):
     master = rank == 0
     cuda = args.device.startswith("cuda")
     given = {name: getattr(args, name) for name in ARCHITECTURE if getattr(args, name) is not None}
-    # defaults sized for the machine: a CPU run that fits in 30 minutes, a larger CUDA run
+    # defaults sized for the machine: a CPU run of 28-45 minutes on 2 cores, a larger CUDA run
     for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
                                         ("batch_size", 128, 512), ("max_iters", 3400, 4000)]:
         if getattr(args, name) is None:

@@ -46,12 +46,12 @@ def test_seeds_sh_fails_without_a_report_when_a_seed_fails(tmp_path):
     assert status != 0 and not any(c.startswith("report.py") for c in calls)
 
 
-def saved_report(path, run, accuracy):
+def saved_report(path, run, accuracy, split="test"):
     row = {"task": "code", "rule": "fixed", "tokens_per_step": 1, "decoder": "base", "accuracy": accuracy,
            "mean_passes": 30.0, "run": run}
     comparison = {"task": "code", "metric": "final", "a": ["dsc", "fixed", 4], "b": ["base", "fixed", 4],
                   "difference": accuracy - 0.5, "interval": [0.1, 0.6], "run": run}
-    path.write_text(json.dumps({"rows": [row], "split": "test", "runs": {run: {}}, "comparisons": [comparison]}))
+    path.write_text(json.dumps({"rows": [row], "split": split, "runs": {run: {}}, "comparisons": [comparison]}))
     return str(path)
 
 
@@ -77,3 +77,10 @@ def test_report_refuses_a_file_that_is_not_an_eval_report(tmp_path):
     from conftest import one_line_error
     (tmp_path / "x.json").write_text("[1, 2]")
     assert "not an eval.py report" in one_line_error(report.main, [str(tmp_path / "x.json")])
+
+
+def test_report_refuses_reports_of_different_splits(tmp_path):
+    from conftest import one_line_error
+    a = saved_report(tmp_path / "a.json", "runs/seed11", 0.9)
+    b = saved_report(tmp_path / "b.json", "runs/seed12", 1.0, split="val")
+    assert "the reports score different splits" in one_line_error(report.main, [a, b])
