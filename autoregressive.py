@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import data
 from common import load_model
+from model import KVCache
 from sample import by_width
 
 
@@ -56,14 +57,14 @@ def generate(model, prompt_ids, eos_id=None, cache=True):
     x = torch.cat([prompt_ids, torch.full((B, data.GEN_LEN), fill, device=prompt_ids.device)], dim=1)
     passes = torch.zeros(B, dtype=torch.long, device=x.device)
     active = torch.ones(B, dtype=torch.bool, device=x.device)
-    kv = [None] * len(model.blocks)  # per block, the (keys, values) of every column fed so far
+    kv = KVCache(width)  # the keys and values of every column fed so far
     for i in range(P, width):  # column i is predicted from columns < i
         if not cache:
             logits = model(x)[:, i - 1]
         elif i == P:
-            logits = _forward_cached(model, x[:, :P], 0, width, kv)[:, -1]
+            logits = model(x[:, :P], cache=kv)[:, -1]
         else:
-            logits = _forward_cached(model, x[:, i - 1:i], i - 1, width, kv)[:, -1]
+            logits = model(x[:, i - 1:i], cache=kv, start=i - 1)[:, -1]
         token = logits.argmax(-1)
         passes += active
         x[:, i] = torch.where(active, token, fill)
@@ -72,28 +73,6 @@ def generate(model, prompt_ids, eos_id=None, cache=True):
             if not active.any():  # one host sync per token: every answer has ended
                 break
     return x, passes
-
-
-def _forward_cached(model, idx, start, width, kv):
-    """GPT.forward for the tokens idx (B, T) at columns start .. start + T - 1 of a canvas
-    `width` columns wide, attending to the keys and values in kv (one (k, v) per block,
-    or None) and appending their own. Either the first pass (kv empty, T tokens
-    attending causally among themselves) or one token attending to every cached column
-    and itself. The same modules and order as GPT.forward and Block.forward."""
-    B, T = idx.shape
-    pos = torch.arange(start, start + T, device=idx.device) + model.config.block_size - width  # as GPT.forward
-    x = model.wte(idx) + model.wpe(pos)
-    for j, block in enumerate(model.blocks):
-        attn, h = block.attn, block.ln1(x)
-        C = h.shape[-1]
-        q, k, v = attn.qkv(h).view(B, T, 3, attn.n_head, C // attn.n_head).permute(2, 0, 3, 1, 4)
-        if kv[j] is not None:
-            k, v = torch.cat([kv[j][0], k], dim=2), torch.cat([kv[j][1], v], dim=2)
-        kv[j] = (k, v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # T > 1: the first pass, nothing cached
-        x = x + attn.proj(y.transpose(1, 2).reshape(B, T, C))
-        x = x + block.mlp(block.ln2(x))
-    return model.lm_head(model.ln_f(x)) + model.never_mask
 
 
 def decode_problems(model, enc, problems, batch_size=256, cache=True):

@@ -31,6 +31,32 @@ class GPTConfig:
         return self.vocab_size - 1
 
 
+class KVCache:
+    """The keys and values of every column of one canvas, per block, so that a forward
+    pass can feed some of its columns and still attend to all of them (the model's
+    forward(idx, cache=cache, start=s) feeds columns s .. s + T - 1). A pass writes the
+    keys and values of the columns it feeds; the others keep those an earlier pass
+    wrote. The AR twin feeds its prompt, then one column per pass, and attends only
+    to columns up to each query's own: the cache is exact. The diffusion decoder feeds
+    the whole canvas at a block's first step, then only a window of it: the columns
+    outside the window keep the keys and values of that first step, which is Fast-dLLM's
+    approximation (they would have attended to the window as it changed)."""
+
+    def __init__(self, width):
+        self.width, self.keys, self.values = width, [], []
+
+    def update(self, layer, start, k, v):
+        """Write the keys and values (B, H, T, D) of columns start .. start + T - 1 into
+        block `layer`'s cache; returns that block's keys and values of every column."""
+        if layer == len(self.keys):  # the first pass: made here, in the dtype autocast gives k and v
+            shape = (*k.shape[:2], self.width, k.shape[3])
+            self.keys.append(k.new_zeros(shape))
+            self.values.append(v.new_zeros(shape))
+        self.keys[layer][:, :, start:start + k.shape[2]] = k
+        self.values[layer][:, :, start:start + v.shape[2]] = v
+        return self.keys[layer], self.values[layer]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, n_embd, n_head, dropout=0.0, causal=False):
         super().__init__()
@@ -40,11 +66,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x):
+    def forward(self, x, cache=None, layer=0, start=0):
+        """x (B, T, C) the columns fed. With a KVCache, they are columns start .. start + T - 1
+        of its canvas, and attend to its other columns too: every column (bidirectional),
+        or those up to their own (causal)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)  # causal: the AR twin
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
+        else:
+            k, v = cache.update(layer, start, k, v)
+            mask = None
+            if self.causal:  # query i sits at column start + i: it sees columns 0 .. start + i
+                k, v = k[:, :, :start + T], v[:, :, :start + T]
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -56,8 +93,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
                                  nn.Dropout(dropout))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cache=None, layer=0, start=0):
+        x = x + self.attn(self.ln1(x), cache, layer, start)
         return x + self.mlp(self.ln2(x))
 
 
@@ -87,15 +124,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, return_hidden=False):
-        """Logits (B, T, V); with return_hidden also the penultimate block's output (B, T, C)."""
+    def forward(self, idx, return_hidden=False, cache=None, start=0):
+        """Logits (B, T, V); with return_hidden also the penultimate block's output (B, T, C).
+        With a KVCache, idx (B, T) holds columns start .. start + T - 1 of the cache's canvas."""
         # positions count back from the canvas end: a narrow canvas (a short prompt, fewer pad
         # columns) gives each response token the position it has on the widest one
-        pos = torch.arange(self.config.block_size - idx.shape[1], self.config.block_size, device=idx.device)
+        width = idx.shape[1] if cache is None else cache.width
+        pos = torch.arange(start, start + idx.shape[1], device=idx.device) + self.config.block_size - width
         x = self.wte(idx) + self.wpe(pos)
         hidden = x
         for i, block in enumerate(self.blocks):
-            x = block(x)
+            x = block(x, cache, i, start)
             if i == len(self.blocks) - 2:
                 hidden = x
         logits = self.lm_head(self.ln_f(x)) + self.never_mask

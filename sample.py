@@ -18,6 +18,7 @@ ended (an EOS with no mask before it), so passes are counted per row.
     python sample.py --threshold 0.9      # adaptive: as many tokens per step as the model is sure of
     python sample.py --steps 4 --show     # watch the canvas fill in; [x] marks a token the head sent back
     python sample.py --prompt "(3+4)*7="  # your own prompt
+    python sample.py --threshold 0.9 --cache dual   # Fast-dLLM's KV cache: fewer columns per pass
 """
 
 import os
@@ -32,11 +33,12 @@ import math
 import sys
 
 import torch
+import torch.nn.functional as F
 
 import data
 from corrector import OtherBase
 from common import CheckpointError, interruptible, load_model, model_fingerprint, pick_device, seed
-from model import most_confident, propose
+from model import KVCache, most_confident, propose
 from remasking import HeadRemask, NoRemask, head_policy
 
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -146,9 +148,16 @@ def check_blocks(gen_len, block_len):
         raise ValueError(f"--block-len must divide the generation length {gen_len}, got {block_len}")
 
 
+# KV caches for the diffusion decoder (Fast-dLLM's): which columns a step feeds after
+# its block's first step, which feeds the whole canvas and refreshes the cache
+#   "prefix"  the block and every column after it; the prompt and finished blocks are cached
+#   "dual"    the block alone; the masked columns after it are cached too
+CACHES = ("prefix", "dual")
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LEN, eos_id=None, temperature=0.0,
-             generator=None, on_step=None, compile=None, corrector=None):
+             generator=None, on_step=None, compile=None, corrector=None, cache=None):
     """Decode (B, P) prompt ids into (B, P + GEN_LEN) tokens with a reveal rule and a
     remasking policy. Returns (tokens, forward passes per row (B,)).
 
@@ -162,60 +171,77 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     compile: None compiles decode_step on CUDA only, False never, a backend name or
     callable compiles with that backend (one graph for every step and call).
     corrector: ProSeCo's corrector loop (proseco.py), run between a step's forward
-    pass and its reveals; its passes are in the count and in corrector.passes."""
+    pass and its reveals; its passes are in the count and in corrector.passes.
+    cache: None feeds the whole canvas at every step; one of CACHES feeds it at a block's
+    first step only (model.KVCache). With a cache the earlier blocks are final, as a
+    block diffusion decoder has them: a policy sends back tokens of the current block
+    only (the cached columns would not be predicted again)."""
     B, P = prompt_ids.shape
-    gen_len, mask_id = data.GEN_LEN, model.config.mask_id
+    gen_len, mask_id, width = data.GEN_LEN, model.config.mask_id, P + data.GEN_LEN
     check_blocks(gen_len, block_len)
+    if cache not in (None, *CACHES):
+        raise ValueError(f"cache must be None or one of {', '.join(CACHES)}, got {cache!r}")
+    if cache and corrector is not None:
+        raise ValueError("ProSeCo's corrector reads and rewrites every column: decode it without a cache")
     max_steps = reveal.steps_per_block(gen_len, block_len)
     step_fn = _step_fn(prompt_ids.is_cuda if compile is None else compile)
     x = torch.cat([prompt_ids, torch.full((B, gen_len), mask_id, device=prompt_ids.device)], dim=1)
-    pos = torch.arange(P + gen_len, device=x.device)
+    pos = torch.arange(width, device=x.device)
+    kv = KVCache(width) if cache else None
     steps_left = torch.arange(max_steps, -1, -1, device=x.device)  # then the refill step; made once, no copy per step
     state, passes = remask.start(x), torch.zeros(B, dtype=torch.long, device=x.device)
     if corrector is not None:
         corrector.start(x)
-    for block_end in range(P + block_len, P + gen_len + 1, block_len):
-        open_ = (pos >= P) & (pos < block_end)  # this block, and earlier positions sent back
-        block = (pos >= block_end - block_len) & (pos < block_end)
+    for block_end in range(P + block_len, width + 1, block_len):
+        block_start = block_end - block_len
+        open_ = (pos >= (block_start if cache else P)) & (pos < block_end)  # the block, and earlier ones uncached
+        block = (pos >= block_start) & (pos < block_end)
+        window = (block_start, block_end if cache == "dual" else width)
         for s in range(max_steps + 1):
             active = ((x == mask_id) & open_).any(1)  # a row works while its block has masks
             if not active.any():  # the one host sync per step: every row has filled this block
                 break
             passes += active
             before = x
+            fed = window if cache and s > 0 else (0, width)
             if corrector is None:
-                x, state, sent_back = step_fn(model, x, block, active, steps_left[s], state, reveal, remask, P,
-                                              eos_id, temperature, generator)
+                x, state, sent_back = step_fn(model, x, open_, block, active, steps_left[s], state, reveal, remask,
+                                              P, eos_id, temperature, generator, kv, fed)
             else:
                 logits, hidden = model(x, return_hidden=True)
                 if corrector.due(s, last_step=s == max_steps - 1):
                     x, logits, hidden = corrector(model, x, logits, hidden, open_, active)
-                x, state, sent_back = advance(x, logits, hidden, block, active, steps_left[s], state, reveal, remask,
-                                              P, mask_id, eos_id, temperature, generator)
+                x, state, sent_back = advance(x, logits, hidden, open_, block, active, steps_left[s], state, reveal,
+                                              remask, P, mask_id, eos_id, temperature, generator)
             if on_step is not None:
                 on_step(before, x, sent_back)
     return x, passes if corrector is None else passes + corrector.passes
 
 
-def decode_step(model, x, block, active, steps_left, state, reveal, remask, prompt_len, eos_id=None, temperature=0.0,
-                generator=None):
+def decode_step(model, x, open_, block, active, steps_left, state, reveal, remask, prompt_len, eos_id=None,
+                temperature=0.0, generator=None, cache=None, fed=None):
     """One decoding step over the batch, no host sync: a forward pass, the policy's
     send-backs among the revealed tokens (never at the refill step, steps_left 0,
     after which nothing could refill them), the rule's reveals among the masked ones.
-    block (T,) marks the current block: masks are revealed there and in earlier
-    positions sent back. Rows not `active` do not change. Returns (x, policy state,
-    sent_back)."""
-    logits, hidden = model(x, return_hidden=True)
-    return advance(x, logits, hidden, block, active, steps_left, state, reveal, remask, prompt_len,
+    open_ (T,) marks where both happen: the current block (block (T,)) and, uncached,
+    the response before it. Rows not `active` do not change. With a KVCache, the pass
+    feeds the columns fed = (lo, hi) and reads the others from the cache; open_ must
+    lie within them. Returns (x, policy state, sent_back)."""
+    if cache is None:
+        logits, hidden = model(x, return_hidden=True)
+    else:
+        lo, hi = fed
+        logits, hidden = model(x[:, lo:hi], return_hidden=True, cache=cache, start=lo)
+        # the columns not fed get no prediction (zeros): none of them is open
+        logits, hidden = (F.pad(t, (0, 0, lo, x.shape[1] - hi)) for t in (logits, hidden))
+    return advance(x, logits, hidden, open_, block, active, steps_left, state, reveal, remask, prompt_len,
                    model.config.mask_id, eos_id, temperature, generator)
 
 
-def advance(x, logits, hidden, block, active, steps_left, state, reveal, remask, prompt_len, mask_id, eos_id=None,
-            temperature=0.0, generator=None):
+def advance(x, logits, hidden, open_, block, active, steps_left, state, reveal, remask, prompt_len, mask_id,
+            eos_id=None, temperature=0.0, generator=None):
     """decode_step after its forward pass, given that pass's logits and hidden states."""
     x0, confidence = propose(logits, temperature, generator)
-    pos = torch.arange(x.shape[1], device=x.device)
-    open_ = (pos >= prompt_len) & (pos <= pos.masked_fill(~block, 0).max())  # the block and the response before it
     masked = (x == mask_id) & open_
     revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 0)
     sent_back, state = remask.send_back(state, revealed, hidden, block, steps_left, generator)
@@ -312,6 +338,9 @@ def main(argv=None):
                       help="DSC's rollback: this many tokens per step; each token sent back adds its share of a step")
     parser.add_argument("--block-len", type=int, default=BLOCK_LEN,
                         help=f"semi-autoregressive block length; {data.GEN_LEN} = one block")
+    parser.add_argument("--cache", choices=CACHES, default=None,
+                        help="KV cache: a block's later steps feed only its columns and those after it (prefix) or "
+                             "its columns alone (dual); approximate, the earlier blocks final (default: none)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples with Gumbel noise")
     parser.add_argument("--task", choices=data.TASKS, default=None, help="only this task (default: both)")
     parser.add_argument("--num", type=positive(int), default=4, help="test prompts per task to decode")
@@ -357,7 +386,8 @@ def main(argv=None):
             on_step = (lambda b, x, back: (steps.append(1), show_canvas(enc, len(steps), b[0], x[0], back[0]))) \
                 if args.show else None
             out, passes = generate(model, prompts[i], reveal, remask=remask, block_len=args.block_len, eos_id=enc.eos,
-                                   temperature=args.temperature, generator=generator, on_step=on_step)
+                                   temperature=args.temperature, generator=generator, on_step=on_step,
+                                   cache=args.cache)
             outputs.append((data.decode_response(enc, out[0, -data.GEN_LEN:].tolist()), passes.item()))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")

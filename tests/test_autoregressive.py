@@ -8,7 +8,7 @@ import autoregressive
 import data
 from common import CheckpointError, kind_of, load_checkpoint, load_model, save_checkpoint
 from conftest import TINY, one_line_error, tiny_config
-from model import GPT
+from model import GPT, KVCache
 
 
 def causal_model(enc, std=None):
@@ -50,9 +50,9 @@ def test_a_later_token_never_changes_earlier_logits_and_the_cache_matches_the_fu
     full, changed = model(x), model(y)
     assert torch.equal(full[:, :60], changed[:, :60]) and not torch.allclose(full[:, 60:], changed[:, 60:])
     # the cached passes, at the positions GPT.forward gives: the prompt at once, then one token each
-    P, kv = x.shape[1] - data.GEN_LEN, [None] * len(model.blocks)
-    cached = [autoregressive._forward_cached(model, x[:, :P], 0, x.shape[1], kv)]
-    cached += [autoregressive._forward_cached(model, x[:, i:i + 1], i, x.shape[1], kv) for i in range(P, P + 3)]
+    P, kv = x.shape[1] - data.GEN_LEN, KVCache(x.shape[1])
+    cached = [model(x[:, :P], cache=kv)]
+    cached += [model(x[:, i:i + 1], cache=kv, start=i) for i in range(P, P + 3)]
     assert torch.allclose(torch.cat(cached, dim=1), full[:, :P + 3], atol=1e-5)
 
 
