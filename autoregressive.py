@@ -91,14 +91,19 @@ def flops_per_answer(model, prompt_len, passes):
     Causal model, the cached decoder: the n passes feed T = P + n - 1 tokens once
     each (the last token produced is never fed), each attending to itself and those
     before it: 2N * T + 4 * n_layer * n_embd * T(T + 1)/2.
-    Diffusion model: every pass feeds the whole canvas of W = P + GEN_LEN columns,
-    each attending to all W: n * (2N * W + 4 * n_layer * n_embd * W^2). The base's
+    Diffusion model, uncached: every pass feeds the whole canvas of W = P + GEN_LEN
+    columns, each attending to all W: n * (2N * W + 4 * n_layer * n_embd * W^2). The base's
     passes only: a correction head's own (small) blocks are not counted. Count each
     answer, then average: the AR count is not linear in passes."""
     c, n = model.config, passes
-    pair = 4 * c.n_layer * c.n_embd
     if c.causal:
         tokens = prompt_len + n - 1
-        return 2 * model.num_params() * tokens + pair * tokens * (tokens + 1) / 2
+        return 2 * model.num_params() * tokens + 4 * c.n_layer * c.n_embd * tokens * (tokens + 1) / 2
     width = prompt_len + data.GEN_LEN
-    return n * (2 * model.num_params() * width + pair * width ** 2)
+    return n * diffusion_pass_flops(model, width, width)
+
+
+def diffusion_pass_flops(model, fed, width):
+    """Forward FLOPs of a diffusion pass that feeds `fed` columns of a canvas `width`
+    wide, each attending to all of them (fed < width: the others from a KV cache)."""
+    return fed * (2 * model.num_params() + 4 * model.config.n_layer * model.config.n_embd * width)

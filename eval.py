@@ -8,6 +8,8 @@ per task and per decoder, on the fixed test set, scored by data.py's verifiers
     python eval.py --split val     # the same on validation problems, for choosing settings
     python eval.py --speed         # also time one decoding step: base pass vs head, and the head's share
     python eval.py --runs runs/seed2 runs/seed3 runs/seed4   # several training runs: each, then mean +- std
+    python eval.py --decoders base,dsc,ar --tokens-per-step 1,4 --thresholds 0.9 --cache none,prefix,dual \
+        --latency 20 --throughput 64,256    # the race against the AR twin, with and without a KV cache
 
 Every decoder is run under both reveal rules (sample.py): the fixed schedule at
 --tokens-per-step, and the confidence threshold at each of --thresholds. A
@@ -25,6 +27,12 @@ decoder is a model and a remasking policy (remasking.py):
     proseco-equal   ProSeCo at the same total passes as the others: twice the
               tokens per step, a corrector pass after each (fixed schedule only)
     ar        the autoregressive twin, left to right with a KV cache  (out/ar.pt)
+With --cache, each diffusion decoder also runs with Fast-dLLM's KV cache
+(sample.CACHES), named base+dual, dsc+prefix, ...: ProSeCo's corrector loop, which
+rewrites every column, runs without. The cost of each answer: passes, tokens per
+pass (TPF: the answer's tokens with its EOS over its passes), the forward FLOPs of
+the columns each pass fed, ms per answer in one batch and one at a time
+(--latency), answers per second at --throughput batch sizes.
 Every accuracy comes with a 95% interval over the problems, and the README's
 comparisons (DSC against the base, the random control and the no-FCA head, and
 every point against the base at one token per step) with a paired one
@@ -56,39 +64,50 @@ from proseco import ProSeCoCorrector
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
 from remasking import HeadRemask, LoopSchedule, RandomRemask, ReMDMConf, ReMDMLoop, head_policy, per_row_counts
-from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
+from sample import (BLOCK_LEN, CACHES, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
                     decode_problems, default_head, positive)
+
+DECODERS = ("base", "dsc", "no-fca", "random", "remdm-conf", "remdm-loop", "proseco-plain", "proseco", "proseco-equal",
+            "ar")
 
 
 def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     """Decode problems, all in one batch by default; returns responses, passes per
-    problem, seconds, send-backs by each row's own step (remasking.per_row_counts), and
+    problem, seconds, send-backs by each row's own step (remasking.per_row_counts),
     ProSeCo's corrector passes per problem on average (0 for every other decoder; they
-    are part of the passes)."""
-    counts, active, batch_size, corrector = [], [], batch_size or len(problems), kwargs.get("corrector")
+    are part of the passes), and the base's forward FLOPs per problem (None under a
+    corrector, whose passes are not the steps: autoregressive.flops_per_answer counts them)."""
+    counts, active, fed, batch_size, corrector = [], [], [], batch_size or len(problems), kwargs.get("corrector")
     mask_id = model.config.mask_id
 
     def record(before, x, back):  # a row is active at a step where it reveals
         counts.append(back.sum(1))
         active.append(((before == mask_id) & (x != mask_id)).any(1))
+        fed[-1] = (fed[-1], x.shape[1])  # the columns the step's pass fed, of a canvas this wide
     if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
         decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
     if corrector is not None:
         corrector.spent = 0
+    hook = model.wte.register_forward_hook(lambda module, inputs, out: fed.append(inputs[0].shape[1]))
     t0 = time.perf_counter()
-    responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len,
-                                        on_step=record, **kwargs)
+    try:
+        responses, passes = decode_problems(model, enc, problems, reveal, batch_size=batch_size,
+                                            block_len=block_len, on_step=record, **kwargs)
+    finally:
+        hook.remove()
     seconds = time.perf_counter() - t0
+    flops = None if corrector else sum(rows.sum().item() * autoregressive.diffusion_pass_flops(model, cols, width)
+                                       for rows, (cols, width) in zip(active, fed)) / len(problems)
     return (responses, passes, seconds, per_row_counts(torch.stack(counts), torch.stack(active)),
-            float(corrector.spent) / len(problems) if corrector else 0.0)
+            float(corrector.spent) / len(problems) if corrector else 0.0, flops)
 
 
 def run_ar(model, enc, problems, batch_size=None):
     """The autoregressive twin's answers, as run() returns them (nothing is ever sent back)."""
     t0 = time.perf_counter()
     responses, passes = autoregressive.decode_problems(model, enc, problems, batch_size or len(problems))
-    return responses, passes, time.perf_counter() - t0, torch.zeros(1, len(problems)), 0.0
+    return responses, passes, time.perf_counter() - t0, torch.zeros(1, len(problems)), 0.0, None
 
 
 def main(argv=None):
@@ -105,6 +124,14 @@ def main(argv=None):
                         help="autoregressive twin (train_base.py --objective ar; default: out/, else weights/)")
     parser.add_argument("--latency", type=positive(int), default=None, metavar="N",
                         help="also time each decoder answering the first N problems of each task one at a time")
+    parser.add_argument("--throughput", default="", metavar="B,B",
+                        help="also time each decoder's answers per second in one batch of each size (e.g. 64,256), "
+                             "the task's problems repeated to fill it")
+    parser.add_argument("--cache", default="none",
+                        help="KV caches to run each diffusion decoder with: none and any of "
+                             + ", ".join(CACHES) + " (e.g. none,dual)")
+    parser.add_argument("--decoders", default=",".join(DECODERS),
+                        help="the decoders to run (default: all): " + ", ".join(DECODERS))
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
                         help="evaluate several training runs instead (seeds.sh makes them): each DIR holds base.pt "
                              "and any of head.pt, head_nofca.pt, proseco.pt, ar.pt; reports each and the mean +- std")
@@ -143,6 +170,18 @@ def main(argv=None):
         for kind, k, rule in rules:
             rule.steps_per_block(data.GEN_LEN, args.block_len)
         overrides = parse_settings(args.head_settings)
+        args.throughput = parse_list(args.throughput, int)
+        if any(b < 1 for b in args.throughput):
+            raise ValueError(f"--throughput: batch sizes must be at least 1, got {args.throughput}")
+        args.cache = [None if c.strip() == "none" else c.strip() for c in args.cache.split(",") if c.strip()]
+        if not args.cache or any(c not in (None, *CACHES) for c in args.cache):
+            raise ValueError(f"--cache: a list of none, {', '.join(CACHES)}; got {','.join(map(str, args.cache))!r}")
+        args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
+        unknown = sorted(set(args.decoders) - set(DECODERS))
+        if unknown or not args.decoders:
+            raise ValueError(f"--decoders: unknown {', '.join(unknown) or 'none given'}; known: {', '.join(DECODERS)}")
+        if "random" in args.decoders and "dsc" not in args.decoders:
+            raise ValueError("--decoders: random replays what dsc sent back: name dsc too")
         runs = {d: {"base": os.path.join(d, "base.pt"), "head": os.path.join(d, "head.pt"),
                     "head_nofca": os.path.join(d, "head_nofca.pt"), "proseco": os.path.join(d, "proseco.pt"),
                     "ar": os.path.join(d, "ar.pt")} for d in args.runs} if args.runs else \
@@ -166,7 +205,7 @@ def main(argv=None):
             r["run"] = name
         print_tables(run_rows, args, problems, title=name)
         print_comparisons(comparisons(run_rows))
-        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency])
+        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency or args.throughput])
         rows += run_rows
         runs_out[name] = {"base": paths["base"], "base_fingerprint": models["fingerprint"],
                           "policies": {n: str(p) for n, p in models["heads"].items()}}
@@ -242,22 +281,30 @@ def evaluate_run(models, enc, problems, rules, args, device):
                 equal = equal_passes_rule(setting, args.block_len) if kind == "fixed" else None
                 if equal is not None:
                     decoders.append(("proseco-equal", proseco, {"corrector": ProSeCoCorrector(1, 1), "reveal": equal}))
-            for name, model, kwargs in decoders:
-                if name == "random":
-                    kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
-                kwargs = {"reveal": rule, **kwargs}
-                decode = lambda n=None, model=model, kwargs=kwargs: run(  # noqa: E731
-                    model, enc, problems[task][:n], block_len=args.block_len, batch_size=n and 1, **kwargs)
-                fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
-                row, counts = decoded_row(task, name, model, decode, fields, models["ctx"], enc, problems[task],
-                                          args.latency if name != "random" else None)  # random replays a batch
-                rows.append(row)
-                if name == "dsc":
-                    dsc_counts = counts
-        if models["ar"] is not None:
-            decode = lambda n=None: run_ar(models["ar"], enc, problems[task][:n], n and 1)  # noqa: E731
+            for cache in args.cache:
+                for name, model, kwargs in decoders:
+                    if cache and "corrector" in (kwargs or {}):
+                        continue  # ProSeCo's corrector rewrites every column: it runs uncached only
+                    name_here = f"{name}+{cache}" if cache else name
+                    if name not in args.decoders:
+                        continue
+                    if name == "random":
+                        kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
+                    kwargs = {"reveal": rule, **kwargs, "cache": cache}
+                    decode = lambda ps, b=None, model=model, kwargs=kwargs: run(  # noqa: E731
+                        model, enc, ps, block_len=args.block_len, batch_size=b, **kwargs)
+                    fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
+                    replays = name == "random"  # it replays the dsc run's batch: timed at that batch only
+                    row, counts = decoded_row(task, name_here, model, decode, fields, models["ctx"], enc,
+                                              problems[task], None if replays else args.latency,
+                                              [] if replays else args.throughput)
+                    rows.append(row)
+                    if name == "dsc":
+                        dsc_counts = counts
+        if models["ar"] is not None and "ar" in args.decoders:
+            decode = lambda ps, b=None: run_ar(models["ar"], enc, ps, b)  # noqa: E731
             rows.append(decoded_row(task, "ar", models["ar"], decode, {"rule": "autoregressive", "tokens_per_step": 1},
-                                    models["ctx"], enc, problems[task], args.latency)[0])
+                                    models["ctx"], enc, problems[task], args.latency, args.throughput)[0])
     return rows
 
 
@@ -273,19 +320,25 @@ def equal_passes_rule(tokens_per_step, block_len):
     return rule
 
 
-def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency):
-    """Decode (decode(n) answers the first n problems one at a time; None: all in one
-    batch), score, and count the base's forward FLOPs per answer. Returns (row, the
+def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency, throughput):
+    """Decode (decode(problems, b) answers them in batches of b, by default all in one
+    batch), score, and count the cost of an answer: the base's forward
+    FLOPs, the tokens per pass, ms one answer at a time over the first `latency`
+    problems, answers per second at each `throughput` batch size. Returns (row, the
     tokens sent back at each step of the batch run)."""
     with ctx:
-        responses, passes, seconds, counts, corrector_passes = decode()
-        ms_batch1 = 1000 * decode(latency)[2] / latency if latency else None
-    widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
-    flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
+        responses, passes, seconds, counts, corrector_passes, flops = decode(problems)
+        ms_batch1 = 1000 * decode(problems[:latency], 1)[2] / latency if latency else None
+        per_second = {b: b / decode((problems * b)[:b], b)[2] for b in throughput}  # repeated to fill the batch
+    if flops is None:
+        widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
+        flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
+    tokens = sum(min(data.GEN_LEN, len(enc.encode_ordinary(r)) + 1) for r in responses)  # and its EOS
     row = score_row(task, problems, responses, passes, seconds,
                     {**fields, "decoder": name, "remasked_per_problem": counts.sum().item() / len(problems),
-                     "mean_corrector_passes": corrector_passes,
-                     "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1})
+                     "mean_corrector_passes": corrector_passes, "tokens_per_pass": tokens / sum(passes),
+                     "gflops_per_answer": flops / 1e9, "ms_per_answer_batch1": ms_batch1,
+                     "answers_per_second": per_second})
     print(f"{task} {fields} {name}: {row['accuracy']:.1%} at {row['mean_passes']:.2f} passes", file=sys.stderr)
     return row, counts
 

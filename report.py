@@ -122,15 +122,23 @@ def print_tables(rows, args, problems, title=""):
 
 
 def print_speed(rows):
-    """What each answer costs: passes, the base's forward GFLOPs, and wall time per
-    answer in one batch of the whole split and, if measured, one answer at a time."""
-    print("\ncost per answer: mean passes, GFLOPs, ms in one batch of the split, ms one at a time\n")
-    print("| task | reveal rule | decoder | accuracy | passes | GFLOPs | ms (batch) | ms (batch 1) |")
-    print("|---|---|---|---|---|---|---|---|")
+    """What each answer costs: mean passes, tokens per pass (TPF), the base's forward
+    GFLOPs, ms in one batch of the split and, if measured, one answer at a time and
+    answers per second at larger batches."""
+    sizes = sorted({int(b) for r in rows for b in r.get("answers_per_second", {})})
+    at_batches = ", answers per second at batch " + " and ".join(map(str, sizes)) if sizes else ""
+    print(f"\ncost per answer: mean passes, tokens per pass, GFLOPs, ms in one batch of the split, ms one at a time"
+          f"{at_batches}\n")
+    print("| task | reveal rule | decoder | accuracy | passes | TPF | GFLOPs | ms (batch) | ms (batch 1) |"
+          + "".join(f" answers/s (batch {b}) |" for b in sizes))
+    print("|---" * (9 + len(sizes)) + "|")
     for r in rows:
-        one = r.get("ms_per_answer_batch1")
+        one, per_second = r.get("ms_per_answer_batch1"), {int(b): v for b, v in r.get("answers_per_second", {}).items()}
+        tpf = r.get("tokens_per_pass")
         print(f"| {r['task']} | {label(*setting(r))} | {r['decoder']} | {pct(r['accuracy'])} | {passes(r)} "
-              f"| {r['gflops_per_answer']:.2f} | {r['ms_per_problem']:.2f} | {'' if one is None else f'{one:.1f}'} |")
+              f"| {'' if tpf is None else f'{tpf:.2f}'} | {r['gflops_per_answer']:.2f} | {r['ms_per_problem']:.2f} "
+              f"| {'' if one is None else f'{one:.1f}'} |"
+              + "".join(f" {per_second[b]:.0f} |" if b in per_second else " |" for b in sizes))
 
 
 def claim_name(c):

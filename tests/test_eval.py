@@ -99,6 +99,49 @@ def test_summary_is_the_fewest_mean_passes_within_two_points_of_the_base_at_one_
     assert report.summary(rows) == {("math", "base"): 7.5, ("math", "dsc"): 4.0, ("math", "remdm-conf"): None}
 
 
+def test_eval_runs_each_diffusion_decoder_with_each_cache_and_prosecos_loop_uncached_only(tmp_path, tiny_run):
+    (base, head), out = tiny_run, str(tmp_path / "eval.json")
+    evaluate.main(["--base", base, "--head", head, "--proseco", base, "--ar", str(tmp_path / "none.pt"),
+                   "--decoders", "base,dsc,random,proseco-plain,proseco", "--cache", "none,dual", "--num", "3",
+                   "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+    names = {r["decoder"] for r in json.load(open(out))["rows"]}
+    assert names == {"base", "dsc", "random", "proseco-plain", "proseco", "base+dual", "dsc+dual", "random+dual",
+                     "proseco-plain+dual"}
+
+
+def test_eval_counts_the_flops_of_the_columns_each_pass_fed(tmp_path, tiny_run):
+    import autoregressive
+    import data
+    from common import load_model
+    (base, _), out = tiny_run, str(tmp_path / "eval.json")
+    evaluate.main(["--base", base, "--decoders", "base", "--cache", "none,prefix,dual", "--num", "3",
+                   "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+    rows = {(r["task"], r["decoder"]): r for r in json.load(open(out))["rows"]}
+    model, enc = load_model(base)[0], data.get_tokenizer()
+    for task in data.TASKS:
+        width = len(data.encode_prompt(enc, data.fixed_problems(task, "test", 1)[0].prompt))
+        whole = autoregressive.flops_per_answer(model, width, rows[task, "base"]["mean_passes"]) / 1e9
+        assert abs(rows[task, "base"]["gflops_per_answer"] - whole) < 1e-9 * whole  # every pass the whole canvas
+        assert whole > rows[task, "base+prefix"]["gflops_per_answer"] > rows[task, "base+dual"]["gflops_per_answer"]
+
+
+def test_eval_times_answers_per_second_at_each_batch_size_and_counts_tokens_per_pass(tmp_path, tiny_run):
+    (base, _), out = tiny_run, str(tmp_path / "eval.json")
+    evaluate.main(["--base", base, "--decoders", "base", "--num", "3", "--tokens-per-step", "1", "--thresholds", "",
+                   "--throughput", "2,5", "--out", out])
+    for r in json.load(open(out))["rows"]:
+        assert set(r["answers_per_second"]) == {"2", "5"} and min(r["answers_per_second"].values()) > 0
+        assert 0 < r["tokens_per_pass"] <= 1  # one token revealed per pass: an answer is at most its passes
+
+
+@pytest.mark.parametrize("argv,message", [(["--cache", "none,suffix"], "--cache"),
+                                          (["--decoders", "base,bogus"], "unknown bogus"),
+                                          (["--decoders", "random"], "name dsc too"),
+                                          (["--throughput", "0"], "--throughput")])
+def test_eval_refuses_a_bad_cache_decoder_or_batch_size_in_one_line(argv, message):
+    assert message in one_line_error(evaluate.main, argv)
+
+
 def test_eval_refuses_a_block_length_that_does_not_fit_a_budget(tmp_path):
     with pytest.raises(SystemExit, match="^error: .*") as e:  # one line, before any checkpoint is read
         evaluate.main(["--tokens-per-step", "16", "--block-len", "8", "--base", str(tmp_path / "none.pt")])
