@@ -9,6 +9,9 @@
 #   python train_base.py     the CUDA defaults (8 layers, width 512, batch 512), --max-iters BASE_ITERS
 #   python train_head.py     --max-iters HEAD_ITERS, one tau (to fit the budget)
 #   python eval.py --speed   --num 150 on three reveal rules
+#   python eval.py           the race: the shipped base (with and without its head and
+#                            each KV cache) against the shipped AR twin, the same size,
+#                            ms per answer at batch 1, answers/s at batch 64 and 256
 # Checkpoints go to $CKPT (default $OUT), never over out/base.pt or out/head.pt.
 # Each stage stops at its share of BUDGET_S seconds (SIGTERM: train_base.py saves
 # and exits), so the script ends in time whatever happens. $OUT/summary.md holds
@@ -65,10 +68,12 @@ stage train_base 200 "$PYTHON" train_base.py --out "$CKPT/base.pt" --overwrite -
 if [ -f "$CKPT/base.pt" ]; then  # a run stopped by its limit has saved one too
     stage train_head 150 "$PYTHON" train_head.py --base "$CKPT/base.pt" --out "$CKPT/head.pt" --overwrite \
         --max-iters "$HEAD_ITERS" --taus 0.9
-    stage eval "$BUDGET_S" "$PYTHON" eval.py --speed --num 150 --tokens-per-step 1,4 --thresholds 0.9 \
+    stage eval 120 "$PYTHON" eval.py --speed --num 150 --tokens-per-step 1,4 --thresholds 0.9 \
         --base "$CKPT/base.pt" --head "$CKPT/head.pt" --head-nofca "$CKPT/none.pt" --proseco "$CKPT/none.pt" \
         --out "$OUT/eval.json"
 fi
+stage race "$BUDGET_S" "$PYTHON" eval.py --decoders base,dsc,ar --tokens-per-step 1,4 --thresholds 0.9 \
+    --cache none,prefix,dual --latency 20 --throughput 64,256 --out "$OUT/race.json"
 [ -n "$MEMORY_LOG" ] && kill "$MEMORY_LOG" 2>/dev/null
 echo "all stages: $(( $(date +%s) - START )) s" >> "$OUT/stages.txt"
 
@@ -153,5 +158,20 @@ if rows:
               f"{data.GEN_LEN * 1000 / r['ms_per_problem']:,.0f} | {r['mean_passes']:.1f} | {r['accuracy']:.1%} |")
 else:
     print("\nno eval.json: see eval.log")
+
+print("\n## the race: shipped base and AR twin (eval.py --cache none,prefix,dual --latency 20 --throughput 64,256)\n")
+print("- compile: " + compiles(read("race.log")))
+rows = json.loads(read("race.json") or '{"rows": []}')["rows"]
+if rows:
+    print("\n| task | rule | decoder | accuracy | passes | TPF | ms/answer (batch 1) | answers/s (64) | answers/s (256) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rule = f"threshold {r['threshold']}" if r["rule"] == "threshold" else f"{r['tokens_per_step']} tokens/step"
+        per_s, ms = r.get("answers_per_second", {}), r.get("ms_per_answer_batch1")
+        cells = ["" if ms is None else f"{ms:.1f}"] + [f"{per_s[b]:,.0f}" if b in per_s else "" for b in ("64", "256")]
+        print(f"| {r['task']} | {rule} | {r['decoder']} | {r['accuracy']:.1%} | {r['mean_passes']:.1f} | "
+              f"{r['tokens_per_pass']:.2f} | " + " | ".join(cells) + " |")
+else:
+    print("\nno race.json: see race.log")
 EOF
 cat "$OUT/summary.md"
