@@ -8,7 +8,7 @@ per task and per decoder, on the fixed test set, scored by data.py's verifiers
     python eval.py --split val     # the same on validation problems, for choosing settings
     python eval.py --speed         # also time one decoding step: base pass vs head, and the head's share
     python eval.py --runs runs/seed2 runs/seed3 runs/seed4   # several training runs: each, then mean +- std
-    python eval.py --decoders base,dsc,ar --tokens-per-step 1,4 --thresholds 0.9 --cache none,prefix,dual \
+    python eval.py --decoders base,dsc,ar --tokens-per-step 4 --thresholds 0.9 --cache none,prefix,dual \
         --latency 20 --throughput 64,256    # the race against the AR twin, with and without a KV cache
 
 Every decoder is run under both reveal rules (sample.py): the fixed schedule at
@@ -84,7 +84,7 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
         counts.append(back.sum(1))
         active.append(((before == mask_id) & (x != mask_id)).any(1))
         fed[-1] = (fed[-1], x.shape[1])  # the columns the step's pass fed, of a canvas this wide
-    if next(model.parameters()).is_cuda:  # compile the decoding step before the clock starts
+    if next(model.parameters()).is_cuda and kwargs.get("compile") is not False:  # compiled before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
         decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
     if corrector is not None:
@@ -130,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--cache", default="none",
                         help="KV caches to run each diffusion decoder with: none and any of "
                              + ", ".join(CACHES) + " (e.g. none,dual)")
+    parser.add_argument("--eager", action="store_true",
+                        help="no torch.compile on CUDA either (the AR twin is never compiled): the race in one mode")
     parser.add_argument("--decoders", default=",".join(DECODERS),
                         help="the decoders to run (default: all): " + ", ".join(DECODERS))
     parser.add_argument("--runs", nargs="+", default=None, metavar="DIR",
@@ -290,7 +292,7 @@ def evaluate_run(models, enc, problems, rules, args, device):
                         continue
                     if name == "random":
                         kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
-                    kwargs = {"reveal": rule, **kwargs, "cache": cache}
+                    kwargs = {"reveal": rule, **kwargs, "cache": cache, **({"compile": False} if args.eager else {})}
                     decode = lambda ps, b=None, model=model, kwargs=kwargs: run(  # noqa: E731
                         model, enc, ps, block_len=args.block_len, batch_size=b, **kwargs)
                     fields = {"rule": kind, ("threshold" if kind == "threshold" else "tokens_per_step"): setting}
@@ -328,8 +330,8 @@ def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency, 
     tokens sent back at each step of the batch run)."""
     with ctx:
         responses, passes, seconds, counts, corrector_passes, flops = decode(problems)
-        ms_batch1 = 1000 * decode(problems[:latency], 1)[2] / latency if latency else None
-        per_second = {b: b / decode((problems * b)[:b], b)[2] for b in throughput}  # repeated to fill the batch
+        ms_batch1 = 1000 * timed(decode, problems[:latency], 1) / latency if latency else None
+        per_second = {b: b / timed(decode, (problems * b)[:b], b) for b in throughput}  # repeated to fill the batch
     if flops is None:
         widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
         flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
@@ -341,6 +343,14 @@ def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency, 
                      "answers_per_second": per_second})
     print(f"{task} {fields} {name}: {row['accuracy']:.1%} at {row['mean_passes']:.2f} passes", file=sys.stderr)
     return row, counts
+
+
+def timed(decode, problems, batch_size, repeats=3):
+    """Seconds to decode the problems in batches of batch_size: the fastest of `repeats`
+    runs after an untimed one (the first run at a new batch size pays one-off costs,
+    kernel and buffer set-up; the fastest is the least disturbed by the machine)."""
+    decode(problems, batch_size)
+    return min(decode(problems, batch_size)[2] for _ in range(repeats))
 
 
 def score_row(task, problems, responses, passes, seconds, fields):

@@ -11,7 +11,8 @@
 #   python eval.py --speed   --num 150 on three reveal rules
 #   python eval.py           the race: the shipped base (with and without its head and
 #                            each KV cache) against the shipped AR twin, the same size,
-#                            ms per answer at batch 1, answers/s at batch 64 and 256
+#                            ms per answer at batch 1, answers/s at batch 64 and 256,
+#                            both eager (the AR decoder is not compiled)
 # Checkpoints go to $CKPT (default $OUT), never over out/base.pt or out/head.pt.
 # Each stage stops at its share of BUDGET_S seconds (SIGTERM: train_base.py saves
 # and exits), so the script ends in time whatever happens. $OUT/summary.md holds
@@ -72,7 +73,7 @@ if [ -f "$CKPT/base.pt" ]; then  # a run stopped by its limit has saved one too
         --base "$CKPT/base.pt" --head "$CKPT/head.pt" --head-nofca "$CKPT/none.pt" --proseco "$CKPT/none.pt" \
         --out "$OUT/eval.json"
 fi
-stage race "$BUDGET_S" "$PYTHON" eval.py --decoders base,dsc,ar --tokens-per-step 1,4 --thresholds 0.9 \
+stage race "$BUDGET_S" "$PYTHON" eval.py --eager --decoders base,dsc,ar --tokens-per-step 4 --thresholds 0.9 \
     --cache none,prefix,dual --latency 20 --throughput 64,256 --out "$OUT/race.json"
 [ -n "$MEMORY_LOG" ] && kill "$MEMORY_LOG" 2>/dev/null
 echo "all stages: $(( $(date +%s) - START )) s" >> "$OUT/stages.txt"

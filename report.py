@@ -44,11 +44,13 @@ CLAIMS = [("dsc", "base"), ("dsc", "random"), ("dsc", "no-fca"), ("random", "bas
 
 def comparisons(rows):
     """Paired differences with 95% intervals: each CLAIMS pair at each reveal setting,
+    each decoder with a KV cache (base+dual, ...) against itself without one,
     and every decoder at every setting against the base at one token per step (the
     quality a faster decoder has to keep) and against the autoregressive twin (the
     quality a reader expects). Math: final answer and strict."""
     by = {(r["task"], setting(r), r["decoder"]): r for r in rows}
     pairs = [((t, s, a), (t, s, b)) for (t, s, d) in by for a, b in CLAIMS if d == a and (t, s, b) in by]
+    pairs += [((t, s, d), (t, s, d.split("+")[0])) for (t, s, d) in by if "+" in d and (t, s, d.split("+")[0]) in by]
     for ref in (("fixed", 1), "base"), (("autoregressive", 1), "ar"):  # the quality to keep, the quality to reach
         pairs += [((t, s, d), (t, *ref)) for (t, s, d) in by if (t, *ref) in by and (s, d) != ref]
     out = []

@@ -89,6 +89,16 @@ def test_a_paired_interval_sees_only_the_problems_on_which_two_decoders_differ()
     assert report.interval(a, baseline=a) == [0.0, 0.0]
 
 
+def test_a_decoder_with_a_cache_is_compared_with_itself_uncached_at_the_same_setting():
+    row = lambda decoder, right: {"task": "code", "decoder": decoder, "rule": "threshold", "threshold": 0.9,  # noqa
+                                  "right": right}
+    rows = [row("base", [1, 1, 0, 0]), row("base+dual", [1, 0, 0, 0]), row("dsc", [1, 1, 1, 0]),
+            row("dsc+prefix", [1, 1, 1, 1])]
+    found = {(c["a"][0], c["b"][0]): c["difference"] for c in report.comparisons(rows)}
+    assert found[("base+dual", "base")] == -0.25 and found[("dsc+prefix", "dsc")] == 0.25
+    assert ("dsc+prefix", "base") not in found
+
+
 def test_summary_is_the_fewest_mean_passes_within_two_points_of_the_base_at_one_token_per_step():
     row = lambda decoder, rule, acc, passes, k=None: {"task": "math", "decoder": decoder, "rule": rule,  # noqa: E731
                                                       "tokens_per_step": k, "accuracy": acc, "mean_passes": passes}
@@ -132,6 +142,15 @@ def test_eval_times_answers_per_second_at_each_batch_size_and_counts_tokens_per_
     for r in json.load(open(out))["rows"]:
         assert set(r["answers_per_second"]) == {"2", "5"} and min(r["answers_per_second"].values()) > 0
         assert 0 < r["tokens_per_pass"] <= 1  # one token revealed per pass: an answer is at most its passes
+
+
+def test_eval_eager_decodes_without_compiling(tmp_path, tiny_run, monkeypatch):
+    (base, _), seen = tiny_run, []
+    decode = evaluate.decode_problems
+    monkeypatch.setattr(evaluate, "decode_problems", lambda *a, **kw: (seen.append(kw.get("compile")), decode(*a, **kw))[1])
+    evaluate.main(["--base", base, "--decoders", "base", "--eager", "--num", "2", "--tokens-per-step", "4",
+                   "--thresholds", "", "--out", str(tmp_path / "eval.json")])
+    assert seen and all(c is False for c in seen)
 
 
 @pytest.mark.parametrize("argv,message", [(["--cache", "none,suffix"], "--cache"),
