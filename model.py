@@ -43,7 +43,15 @@ class KVCache:
     approximation (they would have attended to the window as it changed)."""
 
     def __init__(self, width):
-        self.width, self.keys, self.values = width, [], []
+        self.width, self.keys, self.values, self.hidden = width, [], [], None
+
+    def update_hidden(self, start, hidden):
+        """Write the penultimate block's outputs (B, T, C) of columns start .. start + T - 1;
+        returns those of every column (a correction head reads the whole canvas)."""
+        if self.hidden is None:
+            self.hidden = hidden.new_zeros(hidden.shape[0], self.width, hidden.shape[2])
+        self.hidden[:, start:start + hidden.shape[1]] = hidden
+        return self.hidden
 
     def update(self, layer, start, k, v):
         """Write the keys and values (B, H, T, D) of columns start .. start + T - 1 into

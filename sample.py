@@ -232,8 +232,8 @@ def decode_step(model, x, open_, block, active, steps_left, state, reveal, remas
     else:
         lo, hi = fed
         logits, hidden = model(x[:, lo:hi], return_hidden=True, cache=cache, start=lo)
-        # the columns not fed get no prediction (zeros): none of them is open
-        logits, hidden = (F.pad(t, (0, 0, lo, x.shape[1] - hi)) for t in (logits, hidden))
+        logits = F.pad(logits, (0, 0, lo, x.shape[1] - hi))  # the columns not fed get no prediction: none is open
+        hidden = cache.update_hidden(lo, hidden)  # a head reads every column: those not fed, as last computed
     return advance(x, logits, hidden, open_, block, active, steps_left, state, reveal, remask, prompt_len,
                    model.config.mask_id, eos_id, temperature, generator)
 

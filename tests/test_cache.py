@@ -52,6 +52,27 @@ def test_a_blocks_first_step_feeds_the_whole_canvas_and_its_later_steps_only_the
     assert [x.shape[1] for x in model.inputs] == [W] + 3 * [after_block_1] + [W] + 3 * [BLOCK_LEN]
 
 
+class RecordHidden(NoRemask):
+    """A stand-in policy: keeps the hidden states each step hands it, sends nothing back."""
+
+    def __init__(self):
+        self.seen = []
+
+    def send_back(self, state, revealed, hidden, block, steps_left, generator=None):
+        self.seen.append(hidden.clone())
+        return torch.zeros_like(revealed), state
+
+
+def test_with_a_cache_a_policy_reads_the_columns_not_fed_as_the_blocks_first_step_computed_them(tiny_model, enc):
+    p, policy, canvases = prompts(enc, 2, task="code"), RecordHidden(), []
+    generate(tiny_model, p, FixedSchedule(8), remask=policy, cache="dual",
+             on_step=lambda before, x, back: canvases.append(before))
+    first = tiny_model(canvases[0], return_hidden=True)[1]  # block 1's first step: the whole canvas
+    P, outside = p.shape[1], torch.ones(canvases[0].shape[1], dtype=torch.bool)
+    outside[P:P + BLOCK_LEN] = False  # the second step feeds block 1 alone
+    assert torch.allclose(policy.seen[1][:, outside], first[:, outside], atol=1e-6)
+
+
 def policies(model, n_rows):
     return {"none": NoRemask(), "head": HeadRemask(tiny_head(model), tau=0.0, check_every=1),
             "random": RandomRemask(torch.full((64, n_rows), 3)), "remdm-conf": ReMDMConf(eta=4.0),
