@@ -38,7 +38,7 @@ comparisons (DSC against the base, the random control and the no-FCA head, and
 every point against the base at one token per step) with a paired one
 (report.py). The summary is, per decoder, the fewest mean passes at which it
 comes within 2 points of the base's one-token-per-step accuracy. The whole test
-split of each task is scored by default. Nothing is cached: every number comes
+split of each task is scored by default. No result is reused: every number comes
 from decoding in this run.
 """
 
