@@ -169,7 +169,8 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     eos_id, a row whose answer has ended (EOS revealed, no mask before it) is filled
     with EOS and stops. on_step(before, after, sent_back) sees every step's canvases.
     compile: None compiles decode_step on CUDA only, False never, a backend name or
-    callable compiles with that backend (one graph for every step and call).
+    callable compiles with that backend (one graph for every step and call; with a
+    cache, one per window fed).
     corrector: ProSeCo's corrector loop (proseco.py), run between a step's forward
     pass and its reveals; its passes are in the count and in corrector.passes.
     cache: None feeds the whole canvas at every step; one of CACHES feeds it at a block's
