@@ -59,13 +59,13 @@ import torch
 
 import autoregressive
 import data
+from cli import checkpoint_path, default_head, positive
 from common import CheckpointError, check_report_path, interruptible, load_model, model_fingerprint, pick_device, seed
-from proseco import ProSeCoCorrector
+from proseco import ProSeCoCorrector, equal_passes_rule
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
 from remasking import HeadRemask, LoopSchedule, RandomRemask, ReMDMConf, ReMDMLoop, head_policy, per_row_counts
-from sample import (BLOCK_LEN, CACHES, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, checkpoint_path,
-                    decode_problems, default_head, positive)
+from sample import BLOCK_LEN, CACHES, ConfidenceThreshold, FixedSchedule, Rollback, check_blocks, decode_problems
 
 DECODERS = ("base", "dsc", "no-fca", "random", "remdm-conf", "remdm-loop", "proseco-plain", "proseco", "proseco-equal",
             "ar")
@@ -308,18 +308,6 @@ def evaluate_run(models, enc, problems, rules, args, device):
             rows.append(decoded_row(task, "ar", models["ar"], decode, {"rule": "autoregressive", "tokens_per_step": 1},
                                     models["ctx"], enc, problems[task], args.latency, args.throughput)[0])
     return rows
-
-
-def equal_passes_rule(tokens_per_step, block_len):
-    """ProSeCo at the others' total passes: twice the tokens per step, so that a
-    corrector pass after each predictor pass (S=1, every step) fits the budget of
-    GEN_LEN / tokens_per_step; None where no such schedule exists."""
-    rule = FixedSchedule(data.GEN_LEN // (2 * tokens_per_step))
-    try:
-        rule.steps_per_block(data.GEN_LEN, block_len)
-    except ValueError:
-        return None
-    return rule
 
 
 def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency, throughput):

@@ -23,7 +23,9 @@ Passes are predictor + corrector passes; the corrector's are counted apart.
 import torch
 import torch.nn.functional as F
 
+import data
 from model import mdlm_loss
+from sample import FixedSchedule
 
 # Where the corrector's training input shows the model's argmax (CORRECTOR_INPUT below):
 #   "all"     every response position, visible ones included (the authors' released script)
@@ -85,3 +87,15 @@ class ProSeCoCorrector:
 
     def __str__(self):
         return f"proseco(S={self.max_passes}, omega={self.every})"
+
+
+def equal_passes_rule(tokens_per_step, block_len):
+    """ProSeCo at the others' total passes: twice the tokens per step, so that a
+    corrector pass after each predictor pass (S=1, every step) fits the budget of
+    GEN_LEN / tokens_per_step; None where no such schedule exists."""
+    rule = FixedSchedule(data.GEN_LEN // (2 * tokens_per_step))
+    try:
+        rule.steps_per_block(data.GEN_LEN, block_len)
+    except ValueError:
+        return None
+    return rule

@@ -397,7 +397,7 @@ def test_the_shipped_weights_load_and_still_solve_the_tasks(enc):
 
     from corrector import load_head
     from common import load_model, model_fingerprint
-    from sample import SHIPPED
+    from cli import SHIPPED
     base, _ = load_model(os.path.join(SHIPPED, "base.pt"), data.tokenizer_id(enc))
     head, ckpt = load_head(os.path.join(SHIPPED, "head.pt"), model_fingerprint(base))
     for task in data.TASKS:
@@ -411,7 +411,7 @@ def test_the_shipped_autoregressive_twin_loads_and_still_solves_the_tasks(enc):
     import os
 
     import autoregressive
-    from sample import SHIPPED
+    from cli import SHIPPED
     model, _ = autoregressive.load_ar(os.path.join(SHIPPED, "ar.pt"), data.tokenizer_id(enc))
     for task in data.TASKS:
         problems = data.fixed_problems(task, "test", 20)
