@@ -27,12 +27,9 @@ decoder is a model and a remasking policy (remasking.py):
     proseco-equal   ProSeCo at the same total passes as the others: twice the
               tokens per step, a corrector pass after each (fixed schedule only)
     ar        the autoregressive twin, left to right with a KV cache  (out/ar.pt)
-With --cache, each diffusion decoder also runs with Fast-dLLM's KV cache
-(sample.CACHES), named base+dual, dsc+prefix, ...: ProSeCo's corrector loop, which
-rewrites every column, runs without. The cost of each answer: passes, tokens per
-pass (TPF: the answer's tokens with its EOS over its passes), the forward FLOPs of
-the columns each pass fed, ms per answer in one batch and one at a time
-(--latency), answers per second at --throughput batch sizes.
+With --cache each diffusion decoder also runs with a KV cache (base+dual, ...;
+ProSeCo's loop uncached). Each answer's cost: passes, tokens per pass (TPF), the
+FLOPs of the columns each pass fed, ms (--latency: one at a time), answers/s.
 Every accuracy comes with a 95% interval over the problems, and the README's
 comparisons (DSC against the base, the random control and the no-FCA head, and
 every point against the base at one token per step) with a paired one
@@ -175,13 +172,8 @@ def main(argv=None):
         args.throughput = parse_list(args.throughput, int)
         if any(b < 1 for b in args.throughput):
             raise ValueError(f"--throughput: batch sizes must be at least 1, got {args.throughput}")
-        args.cache = [None if c.strip() == "none" else c.strip() for c in args.cache.split(",") if c.strip()]
-        if not args.cache or any(c not in (None, *CACHES) for c in args.cache):
-            raise ValueError(f"--cache: a list of none, {', '.join(CACHES)}; got {','.join(map(str, args.cache))!r}")
-        args.decoders = [d.strip() for d in args.decoders.split(",") if d.strip()]
-        unknown = sorted(set(args.decoders) - set(DECODERS))
-        if unknown or not args.decoders:
-            raise ValueError(f"--decoders: unknown {', '.join(unknown) or 'none given'}; known: {', '.join(DECODERS)}")
+        args.cache = [None if c == "none" else c for c in parse_choices("--cache", args.cache, ("none", *CACHES))]
+        args.decoders = parse_choices("--decoders", args.decoders, DECODERS)
         if "random" in args.decoders and "dsc" not in args.decoders:
             raise ValueError("--decoders: random replays what dsc sent back: name dsc too")
         runs = {d: {"base": os.path.join(d, "base.pt"), "head": os.path.join(d, "head.pt"),
@@ -359,6 +351,15 @@ def parse_list(text, kind):
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"expected a comma-separated list of numbers, got {text!r}") from None
+
+
+def parse_choices(flag, text, known):
+    """'a,b' -> ['a', 'b'], each one of `known`, or a one-line ValueError naming the flag."""
+    chosen = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown or not chosen:
+        raise ValueError(f"{flag}: unknown {', '.join(unknown) or 'none given'}; known: {', '.join(known)}")
+    return chosen
 
 
 def parse_settings(text):
