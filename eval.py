@@ -75,17 +75,14 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     are part of the passes), and the base's forward FLOPs per problem (None under a
     corrector, whose passes are not the steps: autoregressive.flops_per_answer counts them)."""
     counts, active, fed, batch_size, corrector = [], [], [], batch_size or len(problems), kwargs.get("corrector")
-    mask_id = model.config.mask_id
 
-    def record(before, x, back):  # a row is active at a step where it reveals
+    def record(before, x, back, working):
         counts.append(back.sum(1))
-        active.append(((before == mask_id) & (x != mask_id)).any(1))
+        active.append(working)
         fed[-1] = (fed[-1], x.shape[1])  # the columns the step's pass fed, of a canvas this wide
     if next(model.parameters()).is_cuda and kwargs.get("compile") is not False:  # compiled before the clock starts
         warm = {**kwargs, "generator": torch.Generator("cuda")} if "generator" in kwargs else kwargs
         decode_problems(model, enc, problems, reveal, batch_size=batch_size, block_len=block_len, **warm)
-    if corrector is not None:
-        corrector.spent = 0
     hook = model.wte.register_forward_hook(lambda module, inputs, out: fed.append(inputs[0].shape[1]))
     t0 = time.perf_counter()
     try:
@@ -96,8 +93,9 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     seconds = time.perf_counter() - t0
     flops = None if corrector else sum(rows.sum().item() * autoregressive.diffusion_pass_flops(model, cols, width)
                                        for rows, (cols, width) in zip(active, fed)) / len(problems)
+    steps = sum(rows.sum().item() for rows in active)  # the predictor's passes: the corrector's are the rest
     return (responses, passes, seconds, per_row_counts(torch.stack(counts), torch.stack(active)),
-            float(corrector.spent) / len(problems) if corrector else 0.0, flops)
+            (sum(passes) - steps) / len(problems), flops)
 
 
 def run_ar(model, enc, problems, batch_size=None):
@@ -140,8 +138,10 @@ def main(argv=None):
     parser.add_argument("--remdm-loop-eta", type=positive(float), default=0.1,
                         help="ReMDM-loop: each token of a mostly revealed block goes back with this probability per "
                              "step (the authors' 0.02; 0.1 picked on validation as the head's tau is)")
-    parser.add_argument("--corrector-passes", type=positive(int), default=1, help="ProSeCo: corrector passes S per loop")
-    parser.add_argument("--corrector-every", type=positive(int), default=1, help="ProSeCo: a corrector loop every omega steps")
+    parser.add_argument("--corrector-passes", type=positive(int), default=1,
+                        help="ProSeCo: corrector passes S per loop")
+    parser.add_argument("--corrector-every", type=positive(int), default=1,
+                        help="ProSeCo: a corrector loop every omega steps")
     parser.add_argument("--head-settings", default="",
                         help="override the heads' remasking settings (remasking.HeadRemask), e.g. "
                              "tau=0.9,max_per_position=1,check_every=1")
@@ -199,7 +199,8 @@ def main(argv=None):
             r["run"] = name
         print_tables(run_rows, args, problems, title=name)
         print_comparisons(comparisons(run_rows))
-        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or args.latency or args.throughput])
+        timed_rows = args.latency or args.throughput
+        print_speed([r for r in run_rows if r["rule"] in ("fixed", "autoregressive") or timed_rows])
         rows += run_rows
         runs_out[name] = {"base": paths["base"], "base_fingerprint": models["fingerprint"],
                           "policies": {n: str(p) for n, p in models["heads"].items()}}
@@ -247,7 +248,8 @@ def load_run(paths, enc, device, overrides):
     else:
         print(f"note: skipping proseco: {paths['proseco']} does not exist "
               "(python train_base.py --objective proseco makes it)", file=sys.stderr)
-    ar = autoregressive.load_ar(paths["ar"], data.tokenizer_id(enc))[0].to(device) if os.path.exists(paths["ar"]) else None
+    ar = (autoregressive.load_ar(paths["ar"], data.tokenizer_id(enc))[0].to(device) if os.path.exists(paths["ar"])
+          else None)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
     return {"base": base.to(device), "fingerprint": fingerprint, "heads": heads, "proseco": proseco, "ar": ar,
             "ctx": ctx}
@@ -261,11 +263,11 @@ def evaluate_run(models, enc, problems, rules, args, device):
     for task in data.TASKS:
         for kind, setting, rule in rules:
             seeded = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
-            decoders = [("base", base, {})] + [(name, base, {"remask": policy}) for name, policy in heads.items()]
+            decoders = [("base", base, {})] + [(name, base, {"policy": policy}) for name, policy in heads.items()]
             if "dsc" in heads:
                 decoders.append(("random", base, None))  # replays the dsc run's counts, below
-            decoders.append(("remdm-conf", base, {"remask": ReMDMConf(args.remdm_conf_eta), "generator": seeded()}))
-            loop = {"remask": ReMDMLoop(args.remdm_loop_eta), "generator": seeded()}
+            decoders.append(("remdm-conf", base, {"policy": ReMDMConf(args.remdm_conf_eta), "generator": seeded()}))
+            loop = {"policy": ReMDMLoop(args.remdm_loop_eta), "generator": seeded()}
             decoders.append(("remdm-loop", base, {**loop, "reveal": LoopSchedule(rule)} if kind == "fixed"
                              else loop))
             if proseco is not None:
@@ -283,7 +285,7 @@ def evaluate_run(models, enc, problems, rules, args, device):
                     if name not in args.decoders:
                         continue
                     if name == "random":
-                        kwargs = {"remask": RandomRemask(dsc_counts), "generator": seeded()}
+                        kwargs = {"policy": RandomRemask(dsc_counts), "generator": seeded()}
                     kwargs = {"reveal": rule, **kwargs, "cache": cache, **({"compile": False} if args.eager else {})}
                     decode = lambda ps, b=None, model=model, kwargs=kwargs: run(  # noqa: E731
                         model, enc, ps, block_len=args.block_len, batch_size=b, **kwargs)

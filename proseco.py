@@ -17,7 +17,8 @@ Sampling (ProSeCoCorrector, in the authors' order). At every step:
      is written back only into committed positions (earlier blocks included) and
      its logits replace the predictor's for this step;
   3. this step's tokens revealed from those logits, by the reveal rule.
-Passes are predictor + corrector passes; the corrector's are counted apart.
+Passes are predictor + corrector passes; the loop returns its own, which eval.py
+reports apart.
 """
 
 import torch
@@ -31,7 +32,7 @@ from sample import FixedSchedule
 #   "all"     every response position, visible ones included (the authors' released script)
 #   "masked"  only the positions x_t masked; the others keep x0 (their code's default)
 CORRECTOR_INPUTS = ("all", "masked")
-CORRECTOR_INPUT = "all"  # chosen on validation (docs/LOG.md): level with "masked" there, so the released script's
+CORRECTOR_INPUT = "all"  # level with "masked" on validation (docs/LOG.md), so the released script's choice
 
 
 def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False, corrector_input=CORRECTOR_INPUT):
@@ -56,24 +57,19 @@ class ProSeCoCorrector:
             raise ValueError(f"ProSeCo needs at least one corrector pass every step or more, got S={max_passes}, "
                              f"omega={every}")
         self.max_passes, self.every = max_passes, every
-        self.spent = 0  # corrector passes over every row decoded since the caller zeroed it (eval.py reports them apart)
-
-    def start(self, x):
-        """Reset the per-row count of corrector passes for a new decode."""
-        self.passes = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
     def due(self, step_in_block, last_step):
         return last_step or (step_in_block + 1) % self.every == 0
 
     def __call__(self, model, x, logits, hidden, open_, active):
-        """The corrector loop on rows still decoding; returns (x, logits, hidden)."""
+        """The corrector loop on rows still decoding; returns (x, logits, hidden, its
+        passes per row (B,))."""
         mask_id = model.config.mask_id
         committed = (x != mask_id) & open_
         y = torch.where(x == mask_id, logits.argmax(-1), x)  # every mask, later blocks too: the predictor's argmax
-        changing = active.clone()
+        changing, passes = active.clone(), torch.zeros_like(active, dtype=torch.long)
         for _ in range(self.max_passes):
-            self.passes += changing  # a row that reached its fixed point costs nothing more
-            self.spent = self.spent + changing.sum()  # a tensor: no host sync per pass
+            passes += changing  # a row that reached its fixed point costs nothing more
             out_logits, out_hidden = model(y, return_hidden=True)
             y_next = torch.where(open_, out_logits.argmax(-1), y)
             logits = torch.where(changing[:, None, None], out_logits, logits)
@@ -83,7 +79,7 @@ class ProSeCoCorrector:
             if not changing.any():  # every row at a fixed point: more passes would change nothing
                 break
         x = torch.where(committed & active[:, None], logits.argmax(-1), x)
-        return x, logits, hidden
+        return x, logits, hidden, passes
 
     def __str__(self):
         return f"proseco(S={self.max_passes}, omega={self.every})"

@@ -122,31 +122,74 @@ def check_blocks(gen_len, block_len):
         raise ValueError(f"--block-len must divide the generation length {gen_len}, got {block_len}")
 
 
-# KV caches for the diffusion decoder (Fast-dLLM's): which columns a step feeds after
-# its block's first step, which feeds the whole canvas and refreshes the cache
+@torch.no_grad()
+def generate(model, prompt_ids, reveal, policy=NoRemask(), corrector=None, *, block_len=BLOCK_LEN, eos_id=None,
+             temperature=0.0, generator=None):
+    """The reference decoder, eager, to be read top to bottom: (B, P) prompt ids ->
+    (B, P + GEN_LEN) tokens and the forward passes each row cost (B,). generate_fast is
+    the same loop with a KV cache, a compiled step and a per-step hook; the tests hold
+    the two to the same tokens and passes for every rule and policy.
+
+    The response starts as masks and is filled in blocks of block_len, left to right.
+    A block gets the rule's steps, then one refill step (0 steps left) that only a row
+    whose last step sent tokens back still needs: the policy judges the block at its
+    last step too. A row costs a pass at a step while its block has masks; with eos_id,
+    a row whose answer has ended (EOS revealed, no mask before it) is filled with EOS
+    and stops. corrector: ProSeCo's corrector loop (proseco.py), run between a step's
+    forward pass and its reveals; its passes are counted too."""
+    B, P = prompt_ids.shape
+    mask_id, width = model.config.mask_id, P + data.GEN_LEN
+    check_blocks(data.GEN_LEN, block_len)
+    max_steps = reveal.steps_per_block(data.GEN_LEN, block_len)
+    x = torch.cat([prompt_ids, torch.full((B, data.GEN_LEN), mask_id, device=prompt_ids.device)], dim=1)
+    pos = torch.arange(width, device=x.device)
+    state, passes = policy.start(x), torch.zeros(B, dtype=torch.long, device=x.device)
+    for block_start in range(P, width, block_len):  # the blocks, left to right
+        block = (pos >= block_start) & (pos < block_start + block_len)
+        open_ = (pos >= P) & (pos < block_start + block_len)  # where tokens may change: this block and earlier ones
+        for s in range(max_steps + 1):  # the rule's steps, then the refill step
+            steps_left = torch.tensor(max_steps - s, device=x.device)
+            active = ((x == mask_id) & open_).any(1)  # a row works while its block has masks
+            if not active.any():
+                break
+            passes += active
+            # forward: a prediction and its confidence at every column
+            logits, hidden = model(x, return_hidden=True)
+            if corrector is not None and corrector.due(s, last_step=s == max_steps - 1):
+                x, logits, hidden, corrector_passes = corrector(model, x, logits, hidden, open_, active)
+                passes += corrector_passes
+            x0, confidence = propose(logits, temperature, generator)
+            # send back: the policy picks revealed tokens to mask again (never at the refill step)
+            masked = (x == mask_id) & open_
+            revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 0)
+            sent_back, state = policy.send_back(state, revealed, hidden, block, steps_left, generator)
+            # reveal: the rule picks masked tokens to fill in; those just sent back are owed at once
+            owed = masked.sum(1) + sent_back.sum(1)
+            reveal_now = reveal.reveal(confidence, masked, owed, steps_left)
+            state = policy.after_reveal(state, reveal_now, confidence)
+            x = torch.where(sent_back, mask_id, torch.where(reveal_now, x0, x))
+            if eos_id is not None:
+                x = end_answers(x, P, mask_id, eos_id)
+    return x, passes
+
+
+# KV caches for generate_fast (Fast-dLLM's): which columns a step feeds after its
+# block's first step, which feeds the whole canvas and refreshes the cache
 #   "prefix"  the block and every column after it; the prompt and finished blocks are cached
 #   "dual"    the block alone; the masked columns after it are cached too
 CACHES = ("prefix", "dual")
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LEN, eos_id=None, temperature=0.0,
-             generator=None, on_step=None, compile=None, corrector=None, cache=None):
-    """Decode (B, P) prompt ids into (B, P + GEN_LEN) tokens with a reveal rule and a
-    remasking policy. Returns (tokens, forward passes per row (B,)).
-
-    Each block gets the rule's steps and then one refill step (0 steps left), which only
-    a row whose last step sent tokens back still needs: the policy judges the block at
-    its last step too, and a send-back there costs a pass only in that row. The refill
-    step reveals what is left and sends nothing back.
-    A row costs a pass at a step only while its current block still has masks; with
-    eos_id, a row whose answer has ended (EOS revealed, no mask before it) is filled
-    with EOS and stops. on_step(before, after, sent_back) sees every step's canvases.
+def generate_fast(model, prompt_ids, reveal, policy=NoRemask(), corrector=None, *, block_len=BLOCK_LEN, eos_id=None,
+                  temperature=0.0, generator=None, on_step=None, compile=None, cache=None):
+    """generate's loop with its step in one function (decode_step) that can be compiled,
+    fed through a KV cache, and watched: the same tokens and passes as generate when
+    uncached. on_step(before, after, sent_back, active) sees every step.
     compile: None compiles decode_step on CUDA only, False never, a backend name or
     callable compiles with that backend (one graph for every step and call; with a
-    cache, one per window fed).
-    corrector: ProSeCo's corrector loop (proseco.py), run between a step's forward
-    pass and its reveals; its passes are in the count and in corrector.passes.
+    cache, one per window fed). ProSeCo's corrector, whose loop stops at data-dependent
+    fixed points, runs eager.
     cache: None feeds the whole canvas at every step; one of CACHES feeds it at a block's
     first step only (model.KVCache). With a cache the earlier blocks are final, as a
     block diffusion decoder has them: a policy sends back tokens of the current block
@@ -159,49 +202,39 @@ def generate(model, prompt_ids, reveal, *, remask=NoRemask(), block_len=BLOCK_LE
     if cache and corrector is not None:
         raise ValueError("ProSeCo's corrector reads and rewrites every column: decode it without a cache")
     max_steps = reveal.steps_per_block(gen_len, block_len)
-    step_fn = _step_fn(prompt_ids.is_cuda if compile is None else compile)
+    step_fn = decode_step if corrector is not None else _step_fn(prompt_ids.is_cuda if compile is None else compile)
     x = torch.cat([prompt_ids, torch.full((B, gen_len), mask_id, device=prompt_ids.device)], dim=1)
     pos = torch.arange(width, device=x.device)
     kv = KVCache(width) if cache else None
     steps_left = torch.arange(max_steps, -1, -1, device=x.device)  # then the refill step; made once, no copy per step
-    state, passes = remask.start(x), torch.zeros(B, dtype=torch.long, device=x.device)
-    if corrector is not None:
-        corrector.start(x)
+    state, passes = policy.start(x), torch.zeros(B, dtype=torch.long, device=x.device)
     for block_end in range(P + block_len, width + 1, block_len):
         block_start = block_end - block_len
         open_ = (pos >= (block_start if cache else P)) & (pos < block_end)  # the block, and earlier ones uncached
         block = (pos >= block_start) & (pos < block_end)
         window = (block_start, block_end if cache == "dual" else width)
         for s in range(max_steps + 1):
-            active = ((x == mask_id) & open_).any(1)  # a row works while its block has masks
+            active = ((x == mask_id) & open_).any(1)
             if not active.any():  # the one host sync per step: every row has filled this block
                 break
             passes += active
             before = x
-            fed = window if cache and s > 0 else (0, width)
-            if corrector is None:
-                x, state, sent_back = step_fn(model, x, open_, block, active, steps_left[s], state, reveal, remask,
-                                              P, eos_id, temperature, generator, kv, fed)
-            else:
-                logits, hidden = model(x, return_hidden=True)
-                if corrector.due(s, last_step=s == max_steps - 1):
-                    x, logits, hidden = corrector(model, x, logits, hidden, open_, active)
-                x, state, sent_back = advance(x, logits, hidden, open_, block, active, steps_left[s], state, reveal,
-                                              remask, P, mask_id, eos_id, temperature, generator)
+            correct = corrector is not None and corrector.due(s, last_step=s == max_steps - 1)
+            x, state, sent_back, corrector_passes = step_fn(
+                model, x, open_, block, active, steps_left[s], state, reveal, policy, P, eos_id, temperature,
+                generator, kv, window if cache and s > 0 else (0, width), corrector if correct else None)
+            passes += corrector_passes
             if on_step is not None:
-                on_step(before, x, sent_back)
-    return x, passes if corrector is None else passes + corrector.passes
+                on_step(before, x, sent_back, active)
+    return x, passes
 
 
-def decode_step(model, x, open_, block, active, steps_left, state, reveal, remask, prompt_len, eos_id=None,
-                temperature=0.0, generator=None, cache=None, fed=None):
-    """One decoding step over the batch, no host sync: a forward pass, the policy's
-    send-backs among the revealed tokens (never at the refill step, steps_left 0,
-    after which nothing could refill them), the rule's reveals among the masked ones.
-    open_ (T,) marks where both happen: the current block (block (T,)) and, uncached,
-    the response before it. Rows not `active` do not change. With a KVCache, the pass
-    feeds the columns fed = (lo, hi) and reads the others from the cache; open_ must
-    lie within them. Returns (x, policy state, sent_back)."""
+def decode_step(model, x, open_, block, active, steps_left, state, reveal, policy, prompt_len, eos_id=None,
+                temperature=0.0, generator=None, cache=None, fed=None, corrector=None):
+    """One step of generate over the batch, no host sync: the forward pass (with a
+    KVCache, of the columns fed = (lo, hi), the others read from the cache; open_ must
+    lie within them), ProSeCo's corrector loop if given, the policy's send-backs and the
+    rule's reveals. Returns (x, policy state, sent_back, corrector passes per row)."""
     if cache is None:
         logits, hidden = model(x, return_hidden=True)
     else:
@@ -209,23 +242,20 @@ def decode_step(model, x, open_, block, active, steps_left, state, reveal, remas
         logits, hidden = model(x[:, lo:hi], return_hidden=True, cache=cache, start=lo)
         logits = F.pad(logits, (0, 0, lo, x.shape[1] - hi))  # the columns not fed get no prediction: none is open
         hidden = cache.update_hidden(lo, hidden)  # a head reads every column: those not fed, as last computed
-    return advance(x, logits, hidden, open_, block, active, steps_left, state, reveal, remask, prompt_len,
-                   model.config.mask_id, eos_id, temperature, generator)
-
-
-def advance(x, logits, hidden, open_, block, active, steps_left, state, reveal, remask, prompt_len, mask_id,
-            eos_id=None, temperature=0.0, generator=None):
-    """decode_step after its forward pass, given that pass's logits and hidden states."""
+    corrector_passes = torch.zeros_like(active, dtype=torch.long)
+    if corrector is not None:
+        x, logits, hidden, corrector_passes = corrector(model, x, logits, hidden, open_, active)
+    mask_id = model.config.mask_id
     x0, confidence = propose(logits, temperature, generator)
     masked = (x == mask_id) & open_
     revealed = (x != mask_id) & open_ & active[:, None] & (steps_left > 0)
-    sent_back, state = remask.send_back(state, revealed, hidden, block, steps_left, generator)
+    sent_back, state = policy.send_back(state, revealed, hidden, block, steps_left, generator)
     reveal_now = reveal.reveal(confidence, masked, masked.sum(1) + sent_back.sum(1), steps_left)
-    state = remask.after_reveal(state, reveal_now, confidence)
+    state = policy.after_reveal(state, reveal_now, confidence)
     x = torch.where(sent_back, mask_id, torch.where(reveal_now, x0, x))
     if eos_id is not None:
         x = end_answers(x, prompt_len, mask_id, eos_id)
-    return x, state, sent_back
+    return x, state, sent_back, corrector_passes
 
 
 def end_answers(x, prompt_len, mask_id, eos_id):
@@ -253,8 +283,8 @@ def _step_fn(backend):
 def decode_problems(model, enc, problems, reveal, batch_size=256, **kwargs):
     """Decode each problem's prompt (blocks, EOS stop); returns (response texts, forward
     passes per problem)."""
-    return by_width(enc, problems, batch_size, lambda prompts: generate(model, prompts, reveal, eos_id=enc.eos,
-                                                                        **kwargs), next(model.parameters()).device)
+    decode = lambda prompts: generate_fast(model, prompts, reveal, eos_id=enc.eos, **kwargs)  # noqa: E731
+    return by_width(enc, problems, batch_size, decode, next(model.parameters()).device)
 
 
 def by_width(enc, problems, batch_size, decode, device):
@@ -328,19 +358,20 @@ def main(argv=None):
         reveal.steps_per_block(data.GEN_LEN, args.block_len)
         device = pick_device(args.device)
         model, _ = load_model(args.ckpt, data.tokenizer_id(enc))
-        remask = NoRemask()
+        policy = NoRemask()
         if not args.no_head:
             fingerprint = model_fingerprint(model)
-            remask = (head_policy(args.head, fingerprint) if args.head
+            policy = (head_policy(args.head, fingerprint) if args.head
                       else default_head("head.pt", fingerprint, "python train_head.py")) or NoRemask()
-        if isinstance(remask, HeadRemask):
-            remask.head.to(device)
-            print(f"using the correction head: {remask} (--no-head to decode without it)")
+        if isinstance(policy, HeadRemask):
+            policy.head.to(device)
+            print(f"using the correction head: {policy} (--no-head to decode without it)")
         model.to(device)
         if args.prompt is not None:
             problems = [data.Problem("custom", args.prompt.replace("\\n", "\n"), [], None)]
         else:
-            problems = [p for t in ([args.task] if args.task else data.TASKS) for p in data.fixed_problems(t, "test")[:args.num]]
+            tasks = [args.task] if args.task else data.TASKS
+            problems = [p for t in tasks for p in data.fixed_problems(t, "test")[:args.num]]
         prompts = [torch.tensor([data.encode_prompt(enc, p.prompt)], device=device) for p in problems]
         generator = torch.Generator(device).manual_seed(args.seed)
         outputs = []
@@ -348,11 +379,11 @@ def main(argv=None):
             if args.show:
                 print("-" * 60 + "\n" + p.prompt.rstrip())
             steps = []
-            on_step = (lambda b, x, back: (steps.append(1), show_canvas(enc, len(steps), b[0], x[0], back[0]))) \
+            on_step = (lambda b, x, back, _: (steps.append(1), show_canvas(enc, len(steps), b[0], x[0], back[0]))) \
                 if args.show else None
-            out, passes = generate(model, prompts[i], reveal, remask=remask, block_len=args.block_len, eos_id=enc.eos,
-                                   temperature=args.temperature, generator=generator, on_step=on_step,
-                                   cache=args.cache)
+            out, passes = generate_fast(model, prompts[i], reveal, policy, block_len=args.block_len, eos_id=enc.eos,
+                                        temperature=args.temperature, generator=generator, on_step=on_step,
+                                        cache=args.cache)
             outputs.append((data.decode_response(enc, out[0, -data.GEN_LEN:].tolist()), passes.item()))
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -369,8 +400,8 @@ def main(argv=None):
     if judged:
         right = sum(verdicts.values())
         mean_passes = sum(o[1] for o in outputs) / len(outputs)
-        print("=" * 60 + f"\naccuracy {right}/{len(judged)} (strict {sum(strict.values())}) with {reveal} and remasking {remask}: "
-              f"{mean_passes:.1f} forward passes per answer")
+        print("=" * 60 + f"\naccuracy {right}/{len(judged)} (strict {sum(strict.values())}) with {reveal} and "
+              f"remasking {policy}: {mean_passes:.1f} forward passes per answer")
 
 
 if __name__ == "__main__":

@@ -41,14 +41,16 @@ from common import (CheckpointError, check_fits, check_flags, check_output_path,
                     load_model, lr_at, model_fingerprint, parameter_count, peak_flops, pick_device, save_checkpoint,
                     seed, setup_distributed)
 from remasking import HeadRemask
-from sample import FixedSchedule, decode_problems, generate
+from sample import FixedSchedule, decode_problems, generate_fast
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="out/base.pt", help="the frozen base checkpoint")
-    p.add_argument("--out", default=None, help="head checkpoint (default: out/head.pt, or out/head_nofca.pt with --no-fca)")
-    p.add_argument("--no-fca", action="store_true", help="train the ablation: drafts made in the context they are judged in")
+    p.add_argument("--out", default=None,
+                   help="head checkpoint (default: out/head.pt, or out/head_nofca.pt with --no-fca)")
+    p.add_argument("--no-fca", action="store_true",
+                   help="train the ablation: drafts made in the context they are judged in")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     p.add_argument("--width", type=int, default=64, help="head width")
     p.add_argument("--n-layer", type=int, default=2, help="head transformer blocks")
@@ -60,11 +62,10 @@ def get_args(argv=None):
     p.add_argument("--draft-tokens", type=int, default=16,
                    help="tokens drafted at once per example: the trained base rarely errs with fewer")
     p.add_argument("--fca-dt", type=float, default=1 / 32,
-                   help="FCA's dt: t is drawn in [0, 1 - dt), so the head sees canvases up to 1 - dt masked "
-                        "(0.5 is the earlier construction)")
+                   help="FCA's dt: t is drawn in [0, 1 - dt), so the head sees canvases up to 1 - dt masked")
     p.add_argument("--labels", choices=("closest", "x0"), default="closest",
-                   help="a draft is wrong against a valid response the canvas's ground truth allows, or against the one "
-                        "response the row was drawn with (x0)")
+                   help="a draft is wrong against a valid response the canvas's ground truth allows, or against "
+                        "the one response the row was drawn with (x0)")
     p.add_argument("--draft-from", choices=("masked", "extra"), default="masked",
                    help="draft among every masked position of x_{t+t'}, or only those x_t shows (FCA)")
     p.add_argument("--loss", choices=("balanced", "plain"), default="balanced",
@@ -148,15 +149,16 @@ def decoding_detection(base, head, enc, tau, ctx, n=64, tokens_per_step=4):
     differs from the valid response closest to its finished row (none is, when the
     verifier accepts it): without send-backs a revealed token never changes."""
     device, mask_id = next(base.parameters()).device, base.config.mask_id
-    bins = {"over half masked": (0.5, 1.0), "a quarter to half masked": (0.25, 0.5), "under a quarter masked": (0, 0.25)}
+    bins = {"over half masked": (0.5, 1.0), "a quarter to half masked": (0.25, 0.5),
+            "under a quarter masked": (0, 0.25)}
     scores, labels = {name: [] for name in [*bins, "finished"]}, {name: [] for name in [*bins, "finished"]}
     for task in data.TASKS:  # one task per batch: its prompts share a width
         problems = data.fixed_problems(task, "val", n)
         prompts = data.encode_prompts(enc, [p.prompt for p in problems]).to(device)
         canvases = []
         with ctx:
-            out, _ = generate(base, prompts, FixedSchedule(data.GEN_LEN // tokens_per_step), eos_id=enc.eos,
-                              on_step=lambda before, after, _: canvases.append((before, (before != after).any(1))))
+            out, _ = generate_fast(base, prompts, FixedSchedule(data.GEN_LEN // tokens_per_step), eos_id=enc.eos,
+                                   on_step=lambda before, after, sent_back, active: canvases.append((before, active)))
         drafts = out[:, -data.GEN_LEN:].cpu()
         right = data.score(problems, [data.decode_response(enc, row.tolist()) for row in drafts])
         wrong = torch.stack([wrong_tokens(enc, p, row, ok) for row, p, ok in zip(drafts, problems, right)])
@@ -191,7 +193,7 @@ def pick_remasking(base, head, enc, taus, n, ctx):
     for tau in taus:
         with ctx:
             responses, _ = decode_problems(base, enc, problems, FixedSchedule(data.GEN_LEN // 4),
-                                           remask=HeadRemask(head, tau))
+                                           policy=HeadRemask(head, tau))
         results[tau] = sum(data.score(problems, responses)) / len(problems)
     return HeadRemask(head, max(results, key=lambda tau: (results[tau], tau))), results
 
@@ -240,7 +242,8 @@ def main(argv=None):
     flops_per_step = tokens_per_step * (4 * base.num_params() + 6 * sum(p.numel() for p in head.parameters()))
     if master:
         print(f"head {sum(p.numel() for p in head.parameters()) / 1e3:.0f}K parameters on frozen base {fingerprint} "
-              f"({'FCA' if not args.no_fca else 'no FCA'}) x{world}, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
+              f"({'FCA' if not args.no_fca else 'no FCA'}) x{world}, MFU against {peak / 1e9:.0f} GFLOP/s "
+              f"({peak_name})")
     t_start = time.time()
     bar = tqdm(range(args.max_iters), disable=not master)
     done = 0  # optimizer steps completed

@@ -11,9 +11,10 @@ import torch
 import data
 from model import KVCache
 from proseco import ProSeCoCorrector
-from remasking import HeadRemask, LoopSchedule, NoRemask, RandomRemask, ReMDMConf, ReMDMLoop
-from sample import BLOCK_LEN, CACHES, ConfidenceThreshold, FixedSchedule, Rollback, generate
-from test_sample import CountingModel, ckpt, prompts, run_cli, tiny_head  # noqa: F401 (ckpt: a fixture)
+from remasking import HeadRemask, LoopSchedule, NoRemask
+from sample import BLOCK_LEN, CACHES, ConfidenceThreshold, FixedSchedule, generate_fast
+from test_sample import (RULES_AND_POLICIES, CountingModel, ckpt, policies, prompts, run_cli,  # noqa: F401
+                         tiny_head)  # ckpt: a fixture
 
 
 def canvas(enc, n=3):
@@ -47,7 +48,7 @@ def test_a_windowed_pass_reads_the_columns_outside_it_from_the_cache_not_the_can
 @pytest.mark.parametrize("cache", CACHES)
 def test_a_blocks_first_step_feeds_the_whole_canvas_and_its_later_steps_only_the_window(tiny_model, enc, cache):
     model, p = CountingModel(tiny_model), prompts(enc, 2, task="code")
-    generate(model, p, FixedSchedule(8), cache=cache)  # two blocks of four steps
+    generate_fast(model, p, FixedSchedule(8), cache=cache)  # two blocks of four steps
     W, after_block_1 = p.shape[1] + data.GEN_LEN, BLOCK_LEN if cache == "dual" else data.GEN_LEN
     assert [x.shape[1] for x in model.inputs] == [W] + 3 * [after_block_1] + [W] + 3 * [BLOCK_LEN]
 
@@ -65,24 +66,12 @@ class RecordHidden(NoRemask):
 
 def test_with_a_cache_a_policy_reads_the_columns_not_fed_as_the_blocks_first_step_computed_them(tiny_model, enc):
     p, policy, canvases = prompts(enc, 2, task="code"), RecordHidden(), []
-    generate(tiny_model, p, FixedSchedule(8), remask=policy, cache="dual",
-             on_step=lambda before, x, back: canvases.append(before))
+    generate_fast(tiny_model, p, FixedSchedule(8), policy=policy, cache="dual",
+                  on_step=lambda before, x, back, active: canvases.append(before))
     first = tiny_model(canvases[0], return_hidden=True)[1]  # block 1's first step: the whole canvas
     P, outside = p.shape[1], torch.ones(canvases[0].shape[1], dtype=torch.bool)
     outside[P:P + BLOCK_LEN] = False  # the second step feeds block 1 alone
     assert torch.allclose(policy.seen[1][:, outside], first[:, outside], atol=1e-6)
-
-
-def policies(model, n_rows):
-    return {"none": NoRemask(), "head": HeadRemask(tiny_head(model), tau=0.0, check_every=1),
-            "random": RandomRemask(torch.full((64, n_rows), 3)), "remdm-conf": ReMDMConf(eta=4.0),
-            "remdm-loop": ReMDMLoop(eta=0.5)}
-
-
-# ReMDM-loop waits for a block 90% revealed, which rollback at 4 tokens/step never leaves it: not a pair
-RULES_AND_POLICIES = [(rule, policy) for rule in (FixedSchedule(8), ConfidenceThreshold(0.5), Rollback(4))
-                      for policy in ("none", "head", "random", "remdm-conf", "remdm-loop")
-                      if not (isinstance(rule, Rollback) and policy == "remdm-loop")]
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -94,8 +83,9 @@ def test_with_a_cache_every_rule_and_policy_fills_the_canvas_and_sends_back_only
     if policy == "remdm-loop" and isinstance(rule, FixedSchedule):
         rule = LoopSchedule(rule)  # its time grid: a block mostly revealed early, where the loop acts
     steps = []
-    out, passes = generate(tiny_model, p, rule, remask=remask, cache=cache, generator=torch.Generator().manual_seed(0),
-                           on_step=lambda before, x, back: steps.append((before, x, back)))
+    out, passes = generate_fast(tiny_model, p, rule, policy=remask, cache=cache,
+                                generator=torch.Generator().manual_seed(0),
+                                on_step=lambda before, x, back, active: steps.append((before, x, back)))
     assert not (out == enc.mask).any() and (passes > 0).all()
     P = p.shape[1]
     for before, x, back in steps:  # the current block: the first one that still had masks
@@ -115,17 +105,17 @@ def test_with_a_cache_every_rule_and_policy_fills_the_canvas_and_sends_back_only
 def test_with_a_cache_an_answer_does_not_depend_on_its_batch(tiny_model, enc, cache, rule, with_head):
     remask = HeadRemask(tiny_head(tiny_model), tau=0.3) if with_head else NoRemask()
     p = prompts(enc, 6)
-    together, passes = generate(tiny_model, p, rule, remask=remask, eos_id=enc.eos, cache=cache)
+    together, passes = generate_fast(tiny_model, p, rule, policy=remask, eos_id=enc.eos, cache=cache)
     for i in (0, 5):
-        alone, n = generate(tiny_model, p[i:i + 1], rule, remask=remask, eos_id=enc.eos, cache=cache)
+        alone, n = generate_fast(tiny_model, p[i:i + 1], rule, policy=remask, eos_id=enc.eos, cache=cache)
         assert torch.equal(alone[0], together[i]) and n.item() == passes[i].item()
 
 
 def test_a_cache_is_refused_for_prosecos_corrector_and_an_unknown_one_by_name(tiny_model, enc):
     with pytest.raises(ValueError, match="without a cache"):
-        generate(tiny_model, prompts(enc), FixedSchedule(8), corrector=ProSeCoCorrector(), cache="prefix")
+        generate_fast(tiny_model, prompts(enc), FixedSchedule(8), corrector=ProSeCoCorrector(), cache="prefix")
     with pytest.raises(ValueError, match="cache must be None or one of prefix, dual"):
-        generate(tiny_model, prompts(enc), FixedSchedule(8), cache="suffix")
+        generate_fast(tiny_model, prompts(enc), FixedSchedule(8), cache="suffix")
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -140,11 +130,11 @@ def test_the_cached_decoding_step_compiles_once_per_window_and_not_again(tiny_mo
 
     torch._dynamo.reset()
     remask = HeadRemask(tiny_head(tiny_model), tau=0.5)
-    generate(tiny_model, prompts(enc), FixedSchedule(8), remask=remask, eos_id=enc.eos, cache=cache,
-             compile=counting_backend)
+    generate_fast(tiny_model, prompts(enc), FixedSchedule(8), policy=remask, eos_id=enc.eos, cache=cache,
+                  compile=counting_backend)
     first = len(graphs)
-    generate(tiny_model, prompts(enc), FixedSchedule(4), remask=remask, eos_id=enc.eos, cache=cache,
-             compile=counting_backend)
+    generate_fast(tiny_model, prompts(enc), FixedSchedule(4), policy=remask, eos_id=enc.eos, cache=cache,
+                  compile=counting_backend)
     # per block at most two: its whole-canvas first step and its window (each block's own columns), none per step
     assert first <= 2 * data.GEN_LEN // BLOCK_LEN and len(graphs) == first
 

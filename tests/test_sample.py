@@ -8,7 +8,9 @@ import torch
 import data
 from corrector import CorrectionHead, HeadConfig
 from remasking import HeadRemask, LoopSchedule, NoRemask, RandomRemask, ReMDMConf, ReMDMLoop
-from sample import BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate
+from proseco import ProSeCoCorrector
+from sample import (BLOCK_LEN, ConfidenceThreshold, FixedSchedule, Rollback, decode_problems, end_answers, generate,
+                    generate_fast)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,6 +55,35 @@ def tiny_head(model, **kw):
     return CorrectionHead(HeadConfig(n_embd_in=model.config.n_embd, width=16)).eval()
 
 
+def policies(model, n_rows):
+    return {"none": NoRemask(), "head": HeadRemask(tiny_head(model), tau=0.0, check_every=1),
+            "random": RandomRemask(torch.full((64, n_rows), 3)), "remdm-conf": ReMDMConf(eta=4.0),
+            "remdm-loop": ReMDMLoop(eta=0.5)}
+
+
+# ReMDM-loop waits for a block 90% revealed, which rollback at 4 tokens/step never leaves it: not a pair
+RULES_AND_POLICIES = [(rule, policy) for rule in (FixedSchedule(8), ConfidenceThreshold(0.5), Rollback(4))
+                      for policy in ("none", "head", "random", "remdm-conf", "remdm-loop")
+                      if not (isinstance(rule, Rollback) and policy == "remdm-loop")]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("rule,policy", RULES_AND_POLICIES + [(FixedSchedule(8), "proseco"),
+                                                              (ConfidenceThreshold(0.5), "proseco")], ids=str)
+def test_the_fast_decoder_gives_the_reference_decoders_tokens_and_passes(tiny_model, enc, rule, policy, temperature):
+    p = prompts(enc, 4, task="code")
+    if policy == "remdm-loop" and isinstance(rule, FixedSchedule):
+        rule = LoopSchedule(rule)
+
+    def decode(generate_fn):
+        how = {"corrector": ProSeCoCorrector(max_passes=2)} if policy == "proseco" else {
+            "policy": policies(tiny_model, len(p))[policy]}
+        return generate_fn(tiny_model, p, rule, eos_id=enc.eos, temperature=temperature,
+                           generator=torch.Generator().manual_seed(0), **how)
+    reference, fast = decode(generate), decode(lambda *a, **k: generate_fast(*a, compile=False, **k))
+    assert torch.equal(fast[0], reference[0]) and torch.equal(fast[1], reference[1])
+
+
 @pytest.mark.parametrize("steps,block_len", [(32, 32), (8, 32), (5, 32), (1, 32), (8, 8), (8, BLOCK_LEN)])
 def test_fixed_schedule_takes_exactly_steps_passes_per_row_and_fills_every_mask(tiny_model, enc, steps, block_len):
     model, p = CountingModel(tiny_model), prompts(enc)
@@ -64,8 +95,8 @@ def test_fixed_schedule_takes_exactly_steps_passes_per_row_and_fills_every_mask(
 
 def test_fixed_schedule_reveals_the_scheduled_count_per_step(tiny_model, enc):
     masks_left = []
-    generate(tiny_model, prompts(enc), FixedSchedule(5), block_len=32,
-             on_step=lambda before, x, back: masks_left.append((x == enc.mask).sum(1).tolist()))
+    generate_fast(tiny_model, prompts(enc), FixedSchedule(5), block_len=32,
+                  on_step=lambda before, x, back, active: masks_left.append((x == enc.mask).sum(1).tolist()))
     revealed = [data.GEN_LEN - masks_left[0][0]] + [a[0] - b[0] for a, b in zip(masks_left, masks_left[1:])]
     assert revealed == [7, 7, 6, 6, 6]  # 32 tokens spread evenly over 5 steps
     assert all(len(set(row)) == 1 for row in masks_left)  # every row on the same schedule
@@ -73,7 +104,8 @@ def test_fixed_schedule_reveals_the_scheduled_count_per_step(tiny_model, enc):
 
 def test_blocks_fill_left_to_right(tiny_model, enc):
     states, p = [], prompts(enc)
-    generate(tiny_model, p, FixedSchedule(8), block_len=8, on_step=lambda before, x, back: states.append(x.clone()))
+    generate_fast(tiny_model, p, FixedSchedule(8), block_len=8,
+                  on_step=lambda before, x, back, active: states.append(x.clone()))
     P = p.shape[1]
     assert (states[1][:, P + 8:] == enc.mask).all()  # after block 1's two steps, the rest untouched
     assert not (states[1][:, P:P + 8] == enc.mask).any()
@@ -91,7 +123,8 @@ def test_threshold_reveals_every_masked_token_above_it_and_at_least_the_surest()
 
 def test_threshold_decoding_reveals_at_least_one_token_per_step_in_the_current_block(tiny_model, enc):
     p, steps = prompts(enc), []
-    generate(tiny_model, p, ConfidenceThreshold(0.99), on_step=lambda before, x, back: steps.append((before, x)))
+    generate_fast(tiny_model, p, ConfidenceThreshold(0.99),
+                  on_step=lambda before, x, back, active: steps.append((before, x)))
     P = p.shape[1]
     for before, x in steps:
         newly = (before == enc.mask) & (x != enc.mask)
@@ -128,8 +161,8 @@ def test_a_policy_never_sends_back_a_prompt_token_or_a_mask(tiny_model, enc, rul
     if isinstance(policy, ReMDMLoop) and isinstance(rule, FixedSchedule):
         rule = LoopSchedule(rule)  # its time grid: a block mostly revealed early, where the loop acts
     sent = []
-    out, _ = generate(tiny_model, p, rule, remask=policy, generator=torch.Generator().manual_seed(0),
-                      on_step=lambda before, x, back: sent.append((before, back)))
+    out, _ = generate_fast(tiny_model, p, rule, policy=policy, generator=torch.Generator().manual_seed(0),
+                           on_step=lambda before, x, back, active: sent.append((before, back)))
     assert sum(back.sum().item() for _, back in sent) > 0  # the policy did act
     for before, back in sent:
         assert not back[:, :p.shape[1]].any() and not (back & (before == enc.mask)).any()
@@ -149,8 +182,9 @@ class SendBackOne(NoRemask):
 
 def test_a_send_back_at_a_blocks_last_step_costs_that_row_one_refill_pass_and_nothing_else(tiny_model, enc):
     sent = []
-    out, passes = generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(8), remask=SendBackOne([True, False]),
-                           on_step=lambda before, x, back: sent.append(back[0].sum().item()))
+    out, passes = generate_fast(tiny_model, prompts(enc, 2, "code"), FixedSchedule(8),
+                                policy=SendBackOne([True, False]),
+                                on_step=lambda before, x, back, active: sent.append(back[0].sum().item()))
     # blocks of 16 at 4 steps each; the policy acts at each block's last step (3 and 8), so row 0 gets a
     # refill step after each (4 and 9), at which nothing is sent back
     assert sent == [0, 1, 1, 1, 0, 1, 1, 1, 1, 0], "a block's last step was not judged, or its refill step was"
@@ -161,20 +195,20 @@ def test_a_send_back_at_a_blocks_last_step_costs_that_row_one_refill_pass_and_no
 def test_at_8_tokens_per_step_the_head_reviews_the_second_block_before_it_is_final(tiny_model, enc):
     p, sent = prompts(enc, 2, "code"), torch.zeros(2, dtype=torch.long)
 
-    def count(before, x, back):
+    def count(before, x, back, active):
         sent.add_(back[:, -BLOCK_LEN:].sum(1))
-    generate(tiny_model, p, FixedSchedule(4), remask=HeadRemask(tiny_head(tiny_model), tau=0.0), on_step=count)
+    generate_fast(tiny_model, p, FixedSchedule(4), policy=HeadRemask(tiny_head(tiny_model), tau=0.0), on_step=count)
     assert (sent > 0).all(), "block 2 was final before the head could judge it"
 
 
 def test_remdm_loops_time_grid_holds_a_block_at_alpha_on_and_refills_what_went_back(tiny_model, enc):
     held, sent = [], []
 
-    def record(before, x, back):
+    def record(before, x, back, active):
         held.append((x[0, -data.GEN_LEN:][:BLOCK_LEN] == enc.mask).sum().item())
         sent.append(back[0].sum().item())
-    generate(tiny_model, prompts(enc, 1, "code"), LoopSchedule(FixedSchedule(8)), remask=ReMDMLoop(eta=0.3),
-             generator=torch.Generator().manual_seed(0), on_step=record)
+    generate_fast(tiny_model, prompts(enc, 1, "code"), LoopSchedule(FixedSchedule(8)), policy=ReMDMLoop(eta=0.3),
+                  generator=torch.Generator().manual_seed(0), on_step=record)
     # 4 steps per block of 16: time 1 -> 0.75 reveals to 0.5 of alpha_on's rise, then alpha_on = 0.9 holds
     # ceil(1.6) = 2 masks through the loop (or what went back, which waits for the next step), then the
     # last step reveals the rest
@@ -218,10 +252,10 @@ def test_remdm_sends_back_only_tokens_of_the_current_block(policy):
 
 def test_the_head_checks_a_row_once_per_check_every_tokens_revealed(tiny_model, enc):
     trace = []
-    generate(tiny_model, prompts(enc, 2, "code"), FixedSchedule(32),
-             remask=HeadRemask(tiny_head(tiny_model), tau=0.0, max_per_check=1, check_every=4),
-             on_step=lambda before, x, b: trace.append((((before == enc.mask) & (x != enc.mask))[0].sum().item(),
-                                                       b[0].any().item())))
+    generate_fast(tiny_model, prompts(enc, 2, "code"), FixedSchedule(32),
+                  policy=HeadRemask(tiny_head(tiny_model), tau=0.0, max_per_check=1, check_every=4),
+                  on_step=lambda before, x, b, active: trace.append(
+                      (((before == enc.mask) & (x != enc.mask))[0].sum().item(), b[0].any().item())))
     checks = [i for i, (_, sent) in enumerate(trace) if sent]
     assert checks[0] == 4  # one token per step: 4 revealed, then the first check
     for a, b in zip(checks, checks[1:]):
@@ -234,8 +268,8 @@ def test_rollback_keeps_k_per_step_so_send_backs_add_passes(tiny_model, enc):
     plain, passes = generate(tiny_model, p, Rollback(4))
     assert passes.tolist() == [8, 8] and torch.equal(plain, generate(tiny_model, p, FixedSchedule(8))[0])
     back = []
-    out, passes = generate(tiny_model, p, Rollback(4), remask=HeadRemask(tiny_head(tiny_model), tau=0.0),
-                           on_step=lambda before, x, b: back.append(b.sum().item()))
+    out, passes = generate_fast(tiny_model, p, Rollback(4), policy=HeadRemask(tiny_head(tiny_model), tau=0.0),
+                                on_step=lambda before, x, b, active: back.append(b.sum().item()))
     assert sum(back) > 0 and (passes > 8).all() and not (out == enc.mask).any()
     assert (passes <= 2 * 8 + 2).all(), "more than twice the steps, plus one refill per block"
 
@@ -243,10 +277,10 @@ def test_rollback_keeps_k_per_step_so_send_backs_add_passes(tiny_model, enc):
 def test_a_position_is_sent_back_at_most_max_per_position_times(tiny_model, enc):
     sent = torch.zeros(2, prompts(enc, 2, "code").shape[1] + data.GEN_LEN, dtype=torch.long)
 
-    def count(before, x, back):
+    def count(before, x, back, active):
         sent.add_(back.long())
-    generate(tiny_model, prompts(enc, 2, "code"), ConfidenceThreshold(0.5), on_step=count,
-             remask=HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1, max_per_position=1))
+    generate_fast(tiny_model, prompts(enc, 2, "code"), ConfidenceThreshold(0.5), on_step=count,
+                  policy=HeadRemask(tiny_head(tiny_model), tau=0.0, check_every=1, max_per_position=1))
     assert sent.max() == 1
 
 
@@ -255,16 +289,16 @@ def test_a_position_is_sent_back_at_most_max_per_position_times(tiny_model, enc)
 def test_greedy_answer_of_a_prompt_does_not_depend_on_its_batch(tiny_model, enc, rule, with_head):
     remask = HeadRemask(tiny_head(tiny_model), tau=0.3) if with_head else NoRemask()
     p = prompts(enc, 6)
-    together, passes = generate(tiny_model, p, rule, remask=remask, eos_id=enc.eos)
+    together, passes = generate(tiny_model, p, rule, policy=remask, eos_id=enc.eos)
     for i in (0, 5):
-        alone, n = generate(tiny_model, p[i:i + 1], rule, remask=remask, eos_id=enc.eos)
+        alone, n = generate(tiny_model, p[i:i + 1], rule, policy=remask, eos_id=enc.eos)
         assert torch.equal(alone[0], together[i]) and n.item() == passes[i].item()
 
 
 def test_problems_are_decoded_in_blocks_by_default(tiny_model, enc):
     states = []
     decode_problems(tiny_model, enc, data.fixed_problems("math", "test", 3), FixedSchedule(8),
-                    on_step=lambda before, x, back: states.append(x[:, -data.GEN_LEN:].clone()))
+                    on_step=lambda before, x, back, active: states.append(x[:, -data.GEN_LEN:].clone()))
     assert (states[8 * BLOCK_LEN // data.GEN_LEN - 1][:, -BLOCK_LEN:] == enc.mask).all()
 
 
@@ -274,10 +308,12 @@ def test_temperature_sampling_is_reproducible_with_a_seed(tiny_model, enc):
     assert torch.equal(*runs)
 
 
-@pytest.mark.parametrize("rule,block_len", [(FixedSchedule(0), 16), (FixedSchedule(33), 16), (FixedSchedule(8), 5),
-                                            (FixedSchedule(3), 16), (FixedSchedule(8), 0)])
-def test_bad_steps_or_block_length_are_refused(tiny_model, enc, rule, block_len):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("rule,block_len,message", [
+    (FixedSchedule(0), 16, "--steps must be between 1 and 32"), (FixedSchedule(33), 16, "--steps must be between"),
+    (FixedSchedule(3), 16, "a multiple of the number of blocks"), (FixedSchedule(8), 5, "--block-len must divide"),
+    (FixedSchedule(8), 0, "--block-len must divide")], ids=str)
+def test_bad_steps_or_block_length_are_refused_naming_the_flag(tiny_model, enc, rule, block_len, message):
+    with pytest.raises(ValueError, match=message):
         generate(tiny_model, prompts(enc), rule, block_len=block_len)
 
 
@@ -294,13 +330,13 @@ def test_compiled_decoding_step_compiles_once_for_every_step_and_call(tiny_model
         return gm.forward
 
     torch._dynamo.reset()
-    generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)
+    generate_fast(tiny_model, prompts(enc), rule, policy=remask, eos_id=enc.eos, compile=counting_backend)
     first = len(graphs)
-    generate(tiny_model, prompts(enc), rule, remask=remask, eos_id=enc.eos, compile=counting_backend)  # again
+    generate_fast(tiny_model, prompts(enc), rule, policy=remask, eos_id=enc.eos, compile=counting_backend)  # again
     other_rule = FixedSchedule(4) if isinstance(rule, FixedSchedule) else ConfidenceThreshold(0.5)
     other_remask = HeadRemask(remask.head, tau=0.7) if with_head else remask
-    generate(tiny_model, prompts(enc), other_rule, remask=other_remask, eos_id=enc.eos,
-             compile=counting_backend)  # another budget or threshold, another tau
+    generate_fast(tiny_model, prompts(enc), other_rule, policy=other_remask, eos_id=enc.eos,
+                  compile=counting_backend)  # another budget or threshold, another tau
     assert first == 1 and len(graphs) == 1  # one graph, no graph break, no recompilation
 
 
@@ -403,7 +439,7 @@ def test_the_shipped_weights_load_and_still_solve_the_tasks(enc):
     for task in data.TASKS:
         problems = data.fixed_problems(task, "test", 20)
         responses, _ = decode_problems(base, enc, problems, ConfidenceThreshold(0.9),
-                                       remask=HeadRemask(head, **ckpt["remasking"]))
+                                       policy=HeadRemask(head, **ckpt["remasking"]))
         assert sum(data.score(problems, responses)) >= 14  # most of them: the weights still work
 
 
@@ -481,13 +517,14 @@ def test_the_random_control_matches_the_heads_send_backs_in_every_row_that_decod
     def decode(policy):
         sent, active = [], []
 
-        def record(before, x, back):
+        def record(before, x, back, working):
             sent.append(back.sum(1))
-            active.append(((before == enc.mask) & (x != enc.mask)).any(1))
-        generate(base, p, rule, remask=policy, eos_id=enc.eos, on_step=record, generator=torch.Generator().manual_seed(0))
+            active.append(working)
+        generate_fast(base, p, rule, policy=policy, eos_id=enc.eos, on_step=record,
+                      generator=torch.Generator().manual_seed(0))
         return torch.stack(sent), torch.stack(active)
     head_sent, head_active = decode(head_policy(os.path.join(ROOT, "weights", "head.pt"), model_fingerprint(base)))
     random_sent, random_active = decode(RandomRemask(per_row_counts(head_sent, head_active)))
     as_long = random_active.sum(0) >= head_active.sum(0)
     assert head_sent.sum() > 0 and as_long.sum() > 32, "too few send-backs or rows: the test proves little"
-    assert torch.equal(random_sent.sum(0)[as_long], head_sent.sum(0)[as_long]), "a row's control sent back another count"
+    assert torch.equal(random_sent.sum(0)[as_long], head_sent.sum(0)[as_long]), "a row's control sent back more/less"
