@@ -31,6 +31,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 
 import torch
 from tqdm import tqdm
@@ -43,6 +44,11 @@ from common import (CheckpointError, a_kind, check_fits, check_flags, check_outp
 from model import GPT, GPTConfig, mdlm_loss
 from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
 from sample import FixedSchedule, decode_problems
+
+# The flags left unset take these, by machine: a CPU run of about the README's minutes
+# on 2 cores, a larger one on CUDA. ProSeCo takes half the steps (take_defaults).
+DEFAULTS = {"cpu": {"n_layer": 4, "n_embd": 192, "n_head": 6, "batch_size": 128, "max_iters": 3400},
+            "cuda": {"n_layer": 8, "n_embd": 512, "n_head": 8, "batch_size": 512, "max_iters": 4000}}
 
 
 def get_args(argv=None):
@@ -138,42 +144,45 @@ def checkpoint_to_resume(args, given, enc):
     return ckpt
 
 
-def batch_loss(loss_fn, model, batches, enc, args):
-    """The loss over a batch given as one tensor per task (data.get_batch), each row
-    weighted equally; the prompt is whatever precedes the last GEN_LEN columns."""
-    return sum(loss_fn(model, x0.to(args.device), x0.shape[1] - data.GEN_LEN, enc.mask, args.elbo_weight) * len(x0)
+def batch_loss(loss, model, batches, mask_id, elbo_weight):
+    """The loss over a batch given as one tensor per task (data.get_batch, on the model's
+    device), each row weighted equally; the prompt is whatever precedes the last GEN_LEN columns."""
+    return sum(loss(model, x0, x0.shape[1] - data.GEN_LEN, mask_id, elbo_weight) * len(x0)
                for x0 in batches) / sum(len(x0) for x0 in batches)
 
 
 def loss_of(objective, corrector_input=CORRECTOR_INPUT):
-    """The training loss of an objective, as batch_loss calls it."""
-    if objective == "ar":
-        return lambda model, x0, prompt_len, *_: autoregressive.ar_loss(model, x0, prompt_len)
+    """The training loss of an objective: loss(model, x0, prompt_len, mask_id, elbo_weight)."""
+    if objective == "ar":  # next-token loss: no masks, no t
+        return lambda model, x0, prompt_len, mask_id, elbo_weight: autoregressive.ar_loss(model, x0, prompt_len)
     if objective == "proseco":
-        return lambda *a: proseco_loss(*a, corrector_input=corrector_input)
-    return lambda *a: mdlm_loss(*a)[0]
+        return partial(proseco_loss, corrector_input=corrector_input)
+    return lambda model, x0, prompt_len, mask_id, elbo_weight: mdlm_loss(model, x0, prompt_len, mask_id,
+                                                                         elbo_weight)[0]
 
 
 @torch.no_grad()
-def validate(model, enc, args, ctx):
+def validate(model, enc, objective, batch_size, n_problems, level, elbo_weight, ctx):
     """Validation loss on fixed batches and exact accuracy per task at one token per step
-    (the AR model: its own loss, and greedy left-to-right decoding)."""
+    (the AR model: its own loss, and greedy left-to-right decoding). Returns (loss,
+    accuracy by task, math's strict accuracy)."""
     model.eval()
+    device = next(model.parameters()).device
     rng, gen = random.Random(0), torch.Generator().manual_seed(0)
     state = torch.get_rng_state()
     torch.manual_seed(0)  # the same masks every time: the loss is comparable across evaluations
-    val_loss = loss_of("ar" if args.objective == "ar" else "mdlm")  # proseco: its masked loss alone
+    val_loss = loss_of("ar" if objective == "ar" else "mdlm")  # proseco: its masked loss alone
     losses = []
     for _ in range(4):
-        batches = data.get_batch(enc, args.batch_size, rng, split="val", level=args.level)
+        batches = [x0.to(device) for x0 in data.get_batch(enc, batch_size, rng, split="val", level=level)]
         with ctx:
-            losses.append(batch_loss(val_loss, model, batches, enc, args).item())
+            losses.append(batch_loss(val_loss, model, batches, enc.mask, elbo_weight).item())
     torch.set_rng_state(state)
     acc = {}
     for task in data.TASKS:
-        problems = data.fixed_problems(task, "val", args.eval_problems, args.level)
+        problems = data.fixed_problems(task, "val", n_problems, level)
         with ctx:
-            if args.objective == "ar":
+            if objective == "ar":
                 responses, _ = autoregressive.decode_problems(model, enc, problems)
             else:
                 responses, _ = decode_problems(model, enc, problems, FixedSchedule(data.GEN_LEN), generator=gen)
@@ -184,28 +193,50 @@ def validate(model, enc, args, ctx):
     return sum(losses) / len(losses), acc, strict
 
 
+def take_defaults(args, cuda):
+    """Fill the flags left unset from DEFAULTS for this machine; ProSeCo's step costs two
+    forward/backward passes, so it gets half the steps: the same FLOPs."""
+    for name, value in DEFAULTS["cuda" if cuda else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value // 2 if name == "max_iters" and args.objective == "proseco" else value)
+
+
+def streams(rng, cuda):
+    """The random streams a step draws from (data and masks), as a checkpoint keeps them."""
+    states = {"data_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
+    return {**states, "cuda_rng": torch.cuda.get_rng_state()} if cuda else states
+
+
+def restore_streams(ckpt, rng, master, seed_now, cuda):
+    """Continue the data stream and the masks where the checkpoint's run stopped. Only rank
+    0's stream is saved: the other ranks draw fresh ones (seed_now), never a replay."""
+    if "data_rng" not in ckpt:
+        if master:
+            print("note: the checkpoint holds no data stream (saved by an older version): the stream restarts")
+        return
+    if master:
+        rng.setstate(ckpt["data_rng"])
+    else:
+        rng.seed(seed_now)
+    torch.set_rng_state(ckpt["torch_rng"])
+    if cuda and "cuda_rng" in ckpt:
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+
+
 def main(argv=None):
+    # the run: flags, device and ranks, the machine's defaults, the checkpoint to resume
     args = get_args(argv)
     try:
         pick_device(args.device)
     except ValueError as e:
         sys.exit(f"error: --device: {e}")
     rank, local_rank, world, args.device = setup_distributed(args.device)  # torchrun: one rank per device
-    ddp = world > 1
-    master = rank == 0
-    cuda = args.device.startswith("cuda")
+    master, cuda = rank == 0, args.device.startswith("cuda")
     given = {name: getattr(args, name) for name in ARCHITECTURE if getattr(args, name) is not None}
-    # defaults sized for the machine: a CPU run of 28-45 minutes on 2 cores, a larger CUDA run
-    for name, cpu_value, cuda_value in [("n_layer", 4, 8), ("n_embd", 192, 512), ("n_head", 6, 8),
-                                        ("batch_size", 128, 512), ("max_iters", 3400, 4000)]:
-        if getattr(args, name) is None:
-            setattr(args, name, cuda_value if cuda else cpu_value)
-            if name == "max_iters" and args.objective == "proseco":
-                args.max_iters //= 2  # two forward/backward passes a step: the same FLOPs
+    take_defaults(args, cuda)
     if args.out is None:
         args.out = {"mdlm": "out/base.pt", "proseco": "out/proseco.pt", "ar": "out/ar.pt"}[args.objective]
-    enc = data.get_tokenizer()
-    ckpt = None
+    enc, ckpt = data.get_tokenizer(), None
     try:
         if args.resume:
             ckpt = checkpoint_to_resume(args, given, enc)
@@ -214,7 +245,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     if args.objective == "proseco" and args.corrector_input is None:  # a resumed run keeps its own
         args.corrector_input = (ckpt and ckpt["config"].get("corrector_input")) or CORRECTOR_INPUT
-    loss_fn = loss_of(args.objective, args.corrector_input)
+    loss = loss_of(args.objective, args.corrector_input)
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
     if cuda:
@@ -222,118 +253,112 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
-    config = model_config(args)
-    start_iter, best_val = 0, float("-inf")
-    if ckpt is not None:
-        config = GPTConfig(**ckpt["model_args"])
-        start_iter, best_val = ckpt["iter"], ckpt["best_val"]
-    model = GPT(config).to(args.device)
+    # the model and its optimizer, fresh or resumed; compiled (static shapes: one compilation
+    # serves the whole run) and wrapped for DDP, raw_model kept for saving and decoding
+    config = GPTConfig(**ckpt["model_args"]) if ckpt else model_config(args)
+    start_iter, best_val = (ckpt["iter"], ckpt["best_val"]) if ckpt else (0, float("-inf"))
+    model = raw_model = GPT(config).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=cuda)
-    if ckpt is not None:
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    raw_model = model  # uncompiled, unwrapped: for saving and for decoding
     if cuda and not args.no_compile:
-        model = torch.compile(model, dynamic=False)  # static shapes: one compilation serves the whole run
-    if ddp:
+        model = torch.compile(model, dynamic=False)
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if cuda else None)
-
-    # --overwrite keeps the checkpoint it replaces until this run has an evaluated state to save
-    keep_old, saved = args.overwrite and not args.resume and os.path.exists(args.out), False
-
-    def checkpoint(it):
-        nonlocal saved
-        saved = True
-        if master:  # with the data stream where step `it` left it: --resume sees no batch twice
-            save_checkpoint(args.out, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                            model_args=asdict(config), tokenizer_id=data.tokenizer_id(enc), iter=it,
-                            best_val=best_val, config=vars(args), **stream)
-
     peak, peak_name = peak_flops(args.device)
     tokens_per_iter = sum(x.numel() for x in data.get_batch(enc, args.batch_size, random.Random(0))) * world
     flops_per_token = raw_model.flops_per_token() * (2 if args.objective == "proseco" else 1)  # proseco: 2 passes
     if master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters on {args.device} x{world}, "
               f"{tokens_per_iter} tokens/step, MFU against {peak / 1e9:.0f} GFLOP/s ({peak_name})")
-    if ckpt is not None and "data_rng" in ckpt:  # the data stream and the masks go on where they stopped
+    if ckpt:  # after everything above that draws random numbers (peak_flops does)
+        restore_streams(ckpt, rng, master, f"{args.seed + rank}-{start_iter}", cuda)
+
+    def checkpoint(done, stream):  # the data stream as step `done` left it: --resume sees no batch twice
         if master:
-            rng.setstate(ckpt["data_rng"])
-        else:  # only rank 0's stream is saved: the others draw fresh ones, never a replay
-            rng.seed(f"{args.seed + rank}-{start_iter}")
-        torch.set_rng_state(ckpt["torch_rng"])
-        if cuda and "cuda_rng" in ckpt:
-            torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    elif ckpt is not None and master:
-        print(f"note: {args.out} holds no data stream (saved by an older version): the stream restarts")
+            save_checkpoint(args.out, model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                            model_args=asdict(config), tokenizer_id=data.tokenizer_id(enc), iter=done,
+                            best_val=best_val, config=vars(args), **stream)
 
-    def rng_states():
-        states = {"data_rng": rng.getstate(), "torch_rng": torch.get_rng_state()}
-        return {**states, "cuda_rng": torch.cuda.get_rng_state()} if cuda else states
-
-    done, stream = start_iter, rng_states()  # optimizer steps completed, and the streams after them
+    # --overwrite keeps the checkpoint it replaces until this run has an evaluated state to save
+    keep_old, saved = args.overwrite and not args.resume and os.path.exists(args.out), False
+    done, stream = start_iter, streams(rng, cuda)  # optimizer steps completed, and the streams after them
     bar = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters, disable=not master)
     train_seconds = 0.0  # time in training steps only, for the average tok/s and MFU
     try:
         for it in bar:
+            # the batch, at this step's learning rate
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(it, args)
-            batches = data.get_batch(enc, args.batch_size, rng, level=args.level)
+            batches = [x0.to(args.device) for x0 in data.get_batch(enc, args.batch_size, rng, level=args.level)]
+            # forward and backward; a non-finite loss or gradient stops the run before it reaches the weights
             with ctx:
-                loss = batch_loss(loss_fn, model, batches, enc, args)
-            if not torch.isfinite(loss):  # stop before a NaN reaches the weights; the last checkpoint stays
+                loss_now = batch_loss(loss, model, batches, enc.mask, args.elbo_weight)
+            if not torch.isfinite(loss_now):
                 bar.close()
-                sys.exit(f"error: loss became {loss.item()} at step {it}; stopped, {args.out} is the last good state")
+                sys.exit(f"error: loss became {loss_now.item()} at step {it}; stopped, {args.out} is the last good "
+                         "state")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_now.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if not torch.isfinite(grad_norm):  # the same guard for the gradient: the step never runs
+            if not torch.isfinite(grad_norm):
                 bar.close()
                 sys.exit(f"error: the gradient norm became {grad_norm.item()} at step {it}; stopped before the step, "
                          f"{args.out} is the last good state")
-            with uninterrupted():  # the checkpoint saved on interruption never holds half a step
+            # the step; a checkpoint saved on interruption never holds half of one
+            with uninterrupted():
                 optimizer.step()
-                done, stream = it + 1, rng_states()
+                done, stream = it + 1, streams(rng, cuda)
+            # the log
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             train_seconds += dt
-            tok_s = tokens_per_iter / dt
-            mfu = tok_s * flops_per_token / peak / world
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.0%}")
-            if (it + 1) % args.eval_every == 0 or it + 1 == args.max_iters:
-                if master:
-                    val_loss, acc, strict = validate(raw_model, enc, args, ctx)
-                    score = sum(acc.values()) / len(acc)
-                    improved = score >= best_val
-                    best_val = max(best_val, score)
-                    tqdm.write(f"step {it + 1}/{args.max_iters}: val loss {val_loss:.4f}, val acc (1 token/step) "
-                               + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f", math strict {strict:.1%}"
-                               + ("" if improved else f"; below the best {best_val:.1%}, not saved"))
-                    if improved:
-                        checkpoint(done)  # out/base.pt holds the best evaluated state
+            bar.set_postfix(loss=f"{loss_now.item():.3f}", tok_s=f"{tokens_per_iter / dt:.0f}",
+                            mfu=f"{tokens_per_iter / dt * flops_per_token / peak / world:.0%}")
+            # validation; the checkpoint holds the best evaluated state
+            if master and ((it + 1) % args.eval_every == 0 or it + 1 == args.max_iters):
+                val_loss, acc, strict = validate(raw_model, enc, args.objective, args.batch_size, args.eval_problems,
+                                                 args.level, args.elbo_weight, ctx)
+                score = sum(acc.values()) / len(acc)
+                improved, best_val = score >= best_val, max(best_val, score)
+                tqdm.write(f"step {it + 1}/{args.max_iters}: val loss {val_loss:.4f}, val acc (1 token/step) "
+                           + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f", math strict {strict:.1%}"
+                           + ("" if improved else f"; below the best {best_val:.1%}, not saved"))
+                if improved:
+                    checkpoint(done, stream)
+                    saved = True
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (common.interruptible): save, then exit 130
         bar.close()
-        if keep_old and not saved:
-            if master:
-                print(f"interrupted after step {done}: nothing saved, {args.out} still holds the checkpoint it "
-                      "held before (--overwrite replaces it at this run's first evaluation)")
-            sys.exit(130)
-        try:
-            checkpoint(done)  # --resume redoes no step and skips none
-        except CheckpointError as e:
-            sys.exit(f"error: interrupted after step {done}: {e}")
-        if master:
-            print(f"interrupted after step {done}: saved {args.out}; continue with --resume")
-        sys.exit(130)
+        save_on_interrupt(lambda: checkpoint(done, stream), args.out, done, master, nothing_yet=keep_old and not saved)
     if master and done > start_iter:
         tok_s = (done - start_iter) * tokens_per_iter / train_seconds
         print(f"trained steps {start_iter}..{done} in {train_seconds / 60:.1f} min of steps: {tok_s:.0f} tokens/s, "
               f"MFU {tok_s * flops_per_token / peak / world:.0%} of {peak / 1e9:.0f} GFLOP/s")
     del model  # the DDP wrapper holds the process group: release it before the group is destroyed
     finish_distributed(raw_model, world)
+
+
+def save_on_interrupt(checkpoint, out, done, master, nothing_yet):
+    """An interrupted run saves its current state (--resume redoes no step and skips none)
+    and exits 130; one that --overwrite started and that has no evaluated state yet
+    saves nothing, so the checkpoint it would replace stays."""
+    if nothing_yet:
+        if master:
+            print(f"interrupted after step {done}: nothing saved, {out} still holds the checkpoint it held before "
+                  "(--overwrite replaces it at this run's first evaluation)")
+        sys.exit(130)
+    try:
+        checkpoint()
+    except CheckpointError as e:
+        sys.exit(f"error: interrupted after step {done}: {e}")
+    if master:
+        print(f"interrupted after step {done}: saved {out}; continue with --resume")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ from corrector import CorrectionHead, HeadConfig
 from common import load_model, save_checkpoint
 from model import GPT, GPTConfig, mdlm_loss
 from remasking import HeadRemask, NoRemask
-from sample import FixedSchedule, generate
+from sample import FixedSchedule, generate, generate_fast
 
 # Compiled and eager float32 differ only in the order of sums (inductor fuses and
 # reorders reductions): far below these, far above a real miscompilation.
 LOGIT_TOL, LOSS_TOL, GRAD_TOL = 1e-4, 1e-5, 1e-5
 
-# train_base.main's CUDA defaults (its inline list of (name, CPU value, CUDA value))
-CUDA_PRESET = {"n_layer": 8, "n_embd": 512, "n_head": 8, "batch_size": 512}
+CUDA_PRESET = train_base.DEFAULTS["cuda"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,7 +67,6 @@ def code_prompts(enc, n=3):
 def training_step(model, run, batches, enc, seed):
     """train_base's loss and backward on `batches` through `run` (the model or its compiled
     twin): (loss, logits per task, gradients). The seed fixes t and the masks."""
-    args = train_base.get_args(["--device", "cpu"])
     logits = []
 
     def loss_fn(*a):
@@ -78,7 +76,7 @@ def training_step(model, run, batches, enc, seed):
 
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
-    loss = train_base.batch_loss(loss_fn, run, batches, enc, args)
+    loss = train_base.batch_loss(loss_fn, run, batches, enc.mask, False)
     loss.backward()
     return loss.detach(), logits, {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -131,8 +129,8 @@ class LogitsOut(torch.nn.Module):
 def decode(model, prompts, steps, remask, enc, compile):
     """generate's tokens, passes and per step (canvas, sent back, logits)."""
     trace = []
-    out, passes = generate(model, prompts, FixedSchedule(steps), remask=remask, eos_id=enc.eos, compile=compile,
-                           on_step=lambda before, x, back: trace.append((x, back, model.logits.clone())))
+    out, passes = generate_fast(model, prompts, FixedSchedule(steps), policy=remask, eos_id=enc.eos, compile=compile,
+                                on_step=lambda before, x, back, active: trace.append((x, back, model.logits.clone())))
     return out, passes, trace
 
 
@@ -178,10 +176,11 @@ def test_bf16_autocast_trains_decodes_without_the_mask_and_saves_float32(enc, tm
     config = tiny_config(enc)
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    args, rng = train_base.get_args(["--device", "cpu"]), random.Random(0)
+    rng = random.Random(0)
     for _ in range(3):
         with bf16:
-            loss = train_base.batch_loss(lambda *a: mdlm_loss(*a)[0], model, data.get_batch(enc, 8, rng), enc, args)
+            batches = data.get_batch(enc, 8, rng)
+            loss = train_base.batch_loss(train_base.loss_of("mdlm"), model, batches, enc.mask, False)
         assert torch.isfinite(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,13 +193,13 @@ def test_bf16_autocast_trains_decodes_without_the_mask_and_saves_float32(enc, tm
         logits = model(torch.cat([prompts, torch.full((len(prompts), data.GEN_LEN), enc.mask)], dim=1))
         head = CorrectionHead(HeadConfig(n_embd_in=config.n_embd, width=16)).eval()
         for remask in (NoRemask(), HeadRemask(head, tau=0.0)):
-            out, _ = generate(model, prompts, FixedSchedule(8), remask=remask, eos_id=enc.eos)
+            out, _ = generate(model, prompts, FixedSchedule(8), policy=remask, eos_id=enc.eos)
             assert not (out == enc.mask).any()
     assert torch.isneginf(logits[..., enc.mask]).all()
 
     path = str(tmp_path / "base.pt")
     save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(config),
-                    tokenizer_id=data.tokenizer_id(enc), iter=3, best_val=0.0, config=vars(args))
+                    tokenizer_id=data.tokenizer_id(enc), iter=3, best_val=0.0, config={})
     saved = torch.load(path, weights_only=True)
     tensors = list(saved["model"].values()) + [v for s in saved["optimizer"]["state"].values() for v in s.values()
                                                 if v.dim() > 0]
@@ -233,12 +232,11 @@ def test_cuda_default_model_trains_a_step_and_decodes_here(enc):
     model = GPT(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=True)  # as on CUDA; PyTorch has a fused CPU kernel too
-    args, bf16 = train_base.get_args(["--device", "cpu"]), torch.autocast("cpu", dtype=torch.bfloat16)
-    loss_fn = lambda *a: mdlm_loss(*a)[0]  # noqa: E731
+    bf16, loss_fn = torch.autocast("cpu", dtype=torch.bfloat16), train_base.loss_of("mdlm")
 
     def bf16_loss(batches):
         with bf16:
-            return train_base.batch_loss(loss_fn, model, batches, enc, args)
+            return train_base.batch_loss(loss_fn, model, batches, enc.mask, False)
 
     # 5 rows (3 math, 2 code) keep the default batch's 3:2 split of tasks; 10 rows, its double
     small, double = (data.get_batch(enc, n, random.Random(0)) for n in (5, 10))

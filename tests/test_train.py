@@ -140,24 +140,37 @@ def tiny_checkpoint(path, enc, objective="mdlm"):
     return str(path)
 
 
-def test_every_bad_flag_is_a_one_line_error_before_any_work(tmp_path):
-    out = str(tmp_path / "base.pt")
+BAD_BASE_FLAGS = [("--batch-size", "0", "--batch-size must be at least 1"),
+                  ("--eval-every", "0", "--eval-every must be at least 1"),
+                  ("--lr", "nan", "--lr must be a finite number above 0"),
+                  ("--grad-clip", "nan", "--grad-clip must be a finite number above 0"),
+                  ("--max-iters", "0", "--max-iters must be at least 1"),
+                  ("--n-embd", "33", "--n-embd must be a positive multiple of --n-head"),
+                  ("--device", "bogus", "'bogus' is not a device"),
+                  ("--out", "", "the output path is empty"),
+                  ("--out", "{tmp}/file/base.pt", "is not a directory"),  # a directory that is a file: unwritable
+                  ("--corrector-input", "masked", "--corrector-input must be given only with --objective proseco")]
+if not torch.cuda.is_available():
+    BAD_BASE_FLAGS.append(("--device", "cuda", "this machine has no cuda device"))
+
+
+@pytest.mark.parametrize("flag,value,message", BAD_BASE_FLAGS, ids=lambda v: v or "empty")
+def test_train_base_refuses_a_bad_flag_with_its_one_line_error(tmp_path, flag, value, message):
     (tmp_path / "file").write_text("")
-    cases = [("--batch-size", "0"), ("--eval-every", "0"), ("--lr", "nan"), ("--grad-clip", "nan"),
-             ("--max-iters", "0"), ("--n-embd", "33"), ("--device", "bogus"), ("--out", ""),
-             ("--out", str(tmp_path / "file" / "base.pt")),  # a directory that is a file: unwritable
-             ("--corrector-input", "masked")]  # without --objective proseco
-    if not torch.cuda.is_available():
-        cases.append(("--device", "cuda"))
-    for flag, value in cases:
-        argv = TINY + ["--out", out, "--max-iters", "2"] + [flag, value]
-        assert flag in one_line_error(train_base.main, argv) or value in one_line_error(train_base.main, argv)
-    head_cases = [("--taus", "a"), ("--taus", "0.5,2"), ("--batch-size", "0"), ("--lr", "inf"),
-                  ("--draft-tokens", "0"), ("--out", str(tmp_path / "file" / "head.pt"))]
-    for flag, value in head_cases:  # before the base is even loaded: it does not exist
-        message = one_line_error(train_head.main, ["--base", str(tmp_path / "nope.pt"), flag, value, "--device", "cpu"])
-        assert flag in message or value in message, message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing was written
+    argv = TINY + ["--out", str(tmp_path / "base.pt"), "--max-iters", "2", flag, value.format(tmp=tmp_path)]
+    assert message in one_line_error(train_base.main, argv)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--taus", "a", "--taus must be comma-separated numbers between 0 and 1"),
+    ("--taus", "0.5,2", "--taus must be comma-separated numbers between 0 and 1"),
+    ("--batch-size", "0", "--batch-size must be at least 1"), ("--lr", "inf", "--lr must be a finite number above 0"),
+    ("--draft-tokens", "0", "--draft-tokens must be between 1 and 32"),
+    ("--out", "{tmp}/file/head.pt", "is not a directory")], ids=lambda v: v)
+def test_train_head_refuses_a_bad_flag_before_loading_the_base(tmp_path, flag, value, message):
+    (tmp_path / "file").write_text("")  # the base does not exist: the flag is judged first
+    argv = ["--base", str(tmp_path / "nope.pt"), flag, value.format(tmp=tmp_path), "--device", "cpu"]
+    assert message in one_line_error(train_head.main, argv)
 
 
 def test_bad_flags_exit_non_zero_with_one_line_on_stderr(tmp_path):
@@ -167,7 +180,8 @@ def test_bad_flags_exit_non_zero_with_one_line_on_stderr(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     empty = tmp_path / "e.pt"
     empty.write_bytes(b"")
-    for argv in (["train_base.py", "--lr", "nan"], ["train_head.py", "--base", str(empty), "--out", str(tmp_path / "h.pt")]):
+    for argv in (["train_base.py", "--lr", "nan"],
+                 ["train_head.py", "--base", str(empty), "--out", str(tmp_path / "h.pt")]):
         result = subprocess.run([sys.executable, os.path.join(root, argv[0]), *argv[1:], "--device", "cpu"],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), \
@@ -295,7 +309,8 @@ def test_a_model_too_large_for_the_machine_is_refused_before_it_is_built(tmp_pat
 
 
 def test_a_head_too_large_for_the_machine_is_refused_before_it_is_built(tmp_path):
-    argv = ["--base", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "head.pt"), "--width", "4000000", "--device", "cpu"]
+    argv = ["--base", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "head.pt"), "--width", "4000000",
+            "--device", "cpu"]
     assert "GiB" in one_line_error(train_head.main, argv)
 
 
