@@ -56,10 +56,10 @@ def fca_drafts(base, x0, prompt_len, n_drafts, dt, fca=True, temperature=1.0, re
     rate t -> x_t; mask x_t further -> x_{t+t'}; the base drafts the n_drafts most
     confident masked positions of x_{t+t'} (sampled tokens; all of them when fewer
     are masked; with extra_only, only among those x_t shows); the drafts are
-    spliced into the richer x_t -> z. dt is small, so t covers nearly the whole range and the head trains on canvases from nearly empty
-    to nearly full, as it judges them while decoding; the draft count is set apart
-    from dt, so a row still yields enough wrong drafts to learn from (dt = 0.5 with
-    16 drafts is the earlier construction, which never masked more than half).
+    spliced into the richer x_t -> z. dt is small, so t covers nearly the whole
+    range and the head trains on canvases from nearly empty to nearly full, as it
+    judges them while decoding; the draft count is set apart from dt, so a row still
+    yields enough wrong drafts to learn from.
     With fca=False the drafts are made from x_t itself.
 
     Labels: a draft is wrong where it differs from x0, or, given `references` (B, R,

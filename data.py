@@ -124,7 +124,8 @@ def math_problem(rng, level=2):
         a, b, c = d[:3]
         prompt, answer = f"({a}+{b})*{c}=", (a + b) * c
         s = f"{a + b:02d}"
-        responses.append(f"{a}+{b}={s},{s}*{c}={answer:02d}" if rng.random() < 0.5 else f"{a}+{b}={s},{c}*{s}={answer:02d}")
+        product = f"{s}*{c}" if rng.random() < 0.5 else f"{c}*{s}"
+        responses.append(f"{a}+{b}={s},{product}={answer:02d}")
         ac, bc = f"{a * c:02d}", f"{b * c:02d}"
         responses.append(f"{_mul(a, c, rng)}={ac},{_mul(b, c, rng)}={bc},{ac}+{bc}={answer:02d}")
         responses.append(f"{_mul(b, c, rng)}={bc},{_mul(a, c, rng)}={ac},{bc}+{ac}={answer:02d}")
@@ -212,7 +213,8 @@ def code_problem(rng, level=2):
     # and past 9, each value alone so that no two wrong terms cancel in a sum; mixed lists
     ks, trng = [0] + [int(n) for n in re.findall(r"[0-9]+", spec)], random.Random(spec)
     values = sorted({s * (k + d) for k in ks for d in (*range(-3, 4), 10) for s in (1, -1)})
-    tests = [[]] + [[v] for v in values] + [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
+    mixed = [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
+    tests = [[]] + [[v] for v in values] + mixed
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]

@@ -86,8 +86,8 @@ def setting(row):
 
 
 def label(rule, value):
-    return {"fixed": f"{value} tokens/step", "threshold": f"threshold {value}", "rollback": f"rollback, {value} tokens/step",
-            "autoregressive": "left to right, KV cache"}[rule]
+    return {"fixed": f"{value} tokens/step", "threshold": f"threshold {value}",
+            "rollback": f"rollback, {value} tokens/step", "autoregressive": "left to right, KV cache"}[rule]
 
 
 def pct(x, lo_hi=None):
@@ -170,8 +170,9 @@ def print_across_runs(rows, runs, comps):
     for task, key, decoder in keys:
         group = [r for r in rows if (r["task"], setting(r), r["decoder"]) == (task, key, decoder)]
         cell = lambda f: spread([r[f] for r in group])  # noqa: E731
+        passes = sum(r["mean_passes"] for r in group) / len(group)
         print(f"| {task} | {label(*key)} | {decoder} | {cell('accuracy')} | "
-              f"{cell('strict_accuracy') if task == 'math' else ''} | {sum(r['mean_passes'] for r in group) / len(group):.1f} |")
+              f"{cell('strict_accuracy') if task == 'math' else ''} | {passes:.1f} |")
     print("\n| task | metric | comparison | mean +- std (each run) | holds on every run |\n|---|---|---|---|---|")
     for name in dict.fromkeys((c["task"], c["metric"], claim_name(c)) for c in comps):
         group = [c for c in comps if (c["task"], c["metric"], claim_name(c)) == name]

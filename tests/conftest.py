@@ -40,3 +40,22 @@ def one_line_error(main, argv):
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+def untested_guarantees(skip_reasons):
+    """The sandbox guarantees whose tests were skipped (tests/test_sandbox.needs), from
+    the reasons pytest gives for its skips; sorted, without repeats."""
+    prefix = "this machine's sandbox lacks "
+    return sorted({name for reason in skip_reasons if prefix in reason
+                   for name in reason.split(prefix, 1)[1].split(", ")})
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say loudly which sandbox guarantees this run could not test: a skip alone is easy to miss."""
+    reasons = [str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+               for report in terminalreporter.stats.get("skipped", [])]
+    missing = untested_guarantees(reasons)
+    if missing:
+        terminalreporter.section("sandbox guarantees NOT tested on this machine", sep="!", red=True, bold=True)
+        terminalreporter.write_line(f"{', '.join(missing)}: the machine lacks them, so their tests were skipped "
+                                    "(sandbox.guarantees())", red=True)

@@ -10,7 +10,8 @@ import data
 
 
 def test_tokenizer_round_trips_any_text(enc):
-    texts = ["(3+4)*7=3+4=7,7*7=49", "def f(xs):\n    return [x*3 for x in xs]\n", "héllo ünïcode → 数学 🙂\t\r\n  x"]
+    texts = ["(3+4)*7=3+4=7,7*7=49", "def f(xs):\n    return [x*3 for x in xs]\n",
+             "héllo ünïcode → 数学 🙂\t\r\n  x"]
     for text in texts:
         assert enc.decode(enc.encode_ordinary(text)) == text
 

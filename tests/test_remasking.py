@@ -26,7 +26,7 @@ def test_random_control_owes_what_a_step_could_not_send_back_to_the_next():
     chosen, state = policy.send_back(state, few, None, *ANYWHERE)
     state = policy.after_reveal(state, few, None)
     chosen_next, _ = policy.send_back(state, torch.ones(1, 10, dtype=torch.bool), None, *ANYWHERE)
-    assert (chosen.sum().item(), chosen_next.sum().item()) == (2, 1), "the step short of tokens did not pass its debt on"
+    assert (chosen.sum().item(), chosen_next.sum().item()) == (2, 1), "the step short did not pass its debt on"
 
 
 def test_per_row_counts_index_each_rows_steps_from_its_first():

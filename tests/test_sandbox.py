@@ -22,8 +22,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def needs(*what):
+    """Skip where the machine lacks a guarantee; conftest.py names every one skipped at the end of the run."""
     missing = set(what) - sandbox.guarantees()
     return pytest.mark.skipif(bool(missing), reason=f"this machine's sandbox lacks {', '.join(sorted(missing))}")
+
+
+def test_the_run_summary_names_each_sandbox_guarantee_whose_tests_were_skipped():
+    from conftest import untested_guarantees
+    reasons = ["Skipped: this machine's sandbox lacks CPU per run, own uid", "Skipped: no GPU",
+               "Skipped: this machine's sandbox lacks own uid"]
+    assert untested_guarantees(reasons) == ["CPU per run", "own uid"]
 
 
 def body(*lines):
