@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import load_model
+from common import by_width, load_model
 from model import KVCache
-from sample import by_width
 
 
 def ar_loss(model, x0, prompt_len):
@@ -83,27 +82,10 @@ def decode_problems(model, enc, problems, batch_size=256, cache=True):
 
 
 def flops_per_answer(model, prompt_len, passes):
-    """Forward FLOPs to answer one prompt of prompt_len columns in `passes` forward
-    passes (a number or a tensor), counted as nanoGPT counts them: 2N per token fed
-    through the network (N = model.num_params()) and 4 * n_layer * n_embd per
-    (query, key) pair attended (QK^T and AV, 2 * n_embd each).
-
-    Causal model, the cached decoder: the n passes feed T = P + n - 1 tokens once
-    each (the last token produced is never fed), each attending to itself and those
-    before it: 2N * T + 4 * n_layer * n_embd * T(T + 1)/2.
-    Diffusion model, uncached: every pass feeds the whole canvas of W = P + GEN_LEN
-    columns, each attending to all W: n * (2N * W + 4 * n_layer * n_embd * W^2). The base's
-    passes only: a correction head's own (small) blocks are not counted. Count each
-    answer, then average: the AR count is not linear in passes."""
-    c, n = model.config, passes
-    if c.causal:
-        tokens = prompt_len + n - 1
-        return 2 * model.num_params() * tokens + 4 * c.n_layer * c.n_embd * tokens * (tokens + 1) / 2
-    width = prompt_len + data.GEN_LEN
-    return n * diffusion_pass_flops(model, width, width)
-
-
-def diffusion_pass_flops(model, fed, width):
-    """Forward FLOPs of a diffusion pass that feeds `fed` columns of a canvas `width`
-    wide, each attending to all of them (fed < width: the others from a KV cache)."""
-    return fed * (2 * model.num_params() + 4 * model.config.n_layer * model.config.n_embd * width)
+    """Forward FLOPs of the cached decoder to answer one prompt of prompt_len columns in
+    `passes` forward passes, counted as GPT.pass_flops counts them: the n passes feed
+    T = P + n - 1 tokens once each (the last token produced is never fed), each
+    attending to itself and those before it: 2N * T + 4 * n_layer * n_embd * T(T + 1)/2.
+    Count each answer, then average: the count is not linear in passes."""
+    c, tokens = model.config, prompt_len + passes - 1
+    return 2 * model.num_params() * tokens + 4 * c.n_layer * c.n_embd * tokens * (tokens + 1) / 2

@@ -1,10 +1,11 @@
 """
 What the command lines share: where a default checkpoint is found (what you trained
 in out/, else the weights shipped in weights/), the default DSC head of a base, and
-argparse types.
+argparse types and the checks of flags and report paths made before any work.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -47,3 +48,47 @@ def positive(kind):
         return value
     return parse
 
+
+def check_flags(args, checks=()):
+    """ValueError naming the first flag that cannot work, checked before any work: the
+    flags both training scripts share, then `checks`, (flag, holds, what it must be)."""
+    shared = [("--batch-size", args.batch_size >= 1, "at least 1"),
+              ("--max-iters", args.max_iters >= 1, "at least 1"),
+              ("--lr", math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
+              ("--min-lr-frac", 0 <= args.min_lr_frac <= 1, "between 0 and 1"),
+              ("--warmup", args.warmup >= 0, "at least 0")]
+    for flag, holds, want in shared + list(checks):
+        if not holds:
+            raise ValueError(f"{flag} must be {want}, got {getattr(args, flag[2:].replace('-', '_'))}")
+
+
+def seed(text):
+    """An argparse type: a seed that torch and random both take, 0 to 2**63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_report_path(path, suffix):
+    """ValueError, before any work, where writing a report (.json or .png) to `path` would
+    destroy something: a name without that suffix, or an existing file that is not already
+    such a report (a checkpoint by any spelling of its path, above all)."""
+    if not path.endswith(suffix):
+        raise ValueError(f"{path}: a {suffix} report goes to a file whose name ends {suffix}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                report = f.read(8) == PNG if suffix == ".png" else isinstance(json.loads(f.read()), dict)
+        except (OSError, ValueError):
+            report = False
+        if not report:
+            raise ValueError(f"{path} holds something other than a {suffix} report; not writing over it")

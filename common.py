@@ -1,13 +1,13 @@
 """
 Infrastructure the scripts share, kept out of model.py so that file holds only the
 network and its loss: checkpoints (one dict, written atomically, loaded with
-weights_only=True, refused in one line when they do not fit), devices, flag checks,
-the MFU peak, the learning-rate schedule, signal holding and distributed setup.
+weights_only=True, refused in one line when they do not fit), devices, the MFU
+peak, the learning-rate schedule, signal holding, distributed setup, and decoding a
+list of problems in batches of one prompt width.
 """
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import re
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
+import data
 from model import GPT, GPTConfig
 
 
@@ -256,52 +257,6 @@ def pick_device(name=None):
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def check_flags(args, checks=()):
-    """ValueError naming the first flag that cannot work, checked before any work: the
-    flags both training scripts share, then `checks`, (flag, holds, what it must be)."""
-    shared = [("--batch-size", args.batch_size >= 1, "at least 1"),
-              ("--max-iters", args.max_iters >= 1, "at least 1"),
-              ("--lr", math.isfinite(args.lr) and args.lr > 0, "a finite number above 0"),
-              ("--min-lr-frac", 0 <= args.min_lr_frac <= 1, "between 0 and 1"),
-              ("--warmup", args.warmup >= 0, "at least 0")]
-    for flag, holds, want in shared + list(checks):
-        if not holds:
-            raise ValueError(f"{flag} must be {want}, got {getattr(args, flag[2:].replace('-', '_'))}")
-
-
-def seed(text):
-    """An argparse type: a seed that torch and random both take, 0 to 2**63 - 1."""
-    import argparse
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to 2**63 - 1, got {text}")
-    return value
-
-
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def check_report_path(path, suffix):
-    """ValueError, before any work, where writing a report (.json or .png) to `path` would
-    destroy something: a name without that suffix, or an existing file that is not already
-    such a report (a checkpoint by any spelling of its path, above all)."""
-    if not path.endswith(suffix):
-        raise ValueError(f"{path}: a {suffix} report goes to a file whose name ends {suffix}")
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory")
-    if os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                report = f.read(8) == PNG if suffix == ".png" else isinstance(json.loads(f.read()), dict)
-        except (OSError, ValueError):
-            report = False
-        if not report:
-            raise ValueError(f"{path} holds something other than a {suffix} report; not writing over it")
-
-
 def peak_flops(device):
     """The FLOP/s that MFU is measured against: bf16 datasheet peak on a known GPU,
     else a measured fp32 matmul rate on this machine."""
@@ -390,3 +345,24 @@ def finish_distributed(model, world):
         print(f"replicas identical across {world} ranks: {len(set(prints)) == 1}")
     dist.barrier()  # leave together: a rank tearing Gloo down while its peer still talks can abort it
     dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# decoding a list of problems, the diffusion decoders and the AR twin alike
+
+
+def by_width(enc, problems, batch_size, decode, device):
+    """Run decode((n, P) prompt ids) -> (tokens, passes per row) over the problems in
+    batches of prompts of one width, the layout the model was trained on; returns
+    (response texts, passes per problem) in the problems' order."""
+    responses, passes = [None] * len(problems), [0] * len(problems)
+    encoded, widths = [data.encode_prompt(enc, p.prompt) for p in problems], {}
+    for i, ids in enumerate(encoded):
+        widths.setdefault(len(ids), []).append(i)
+    for rows in widths.values():
+        for j in range(0, len(rows), batch_size):
+            chunk = rows[j:j + batch_size]
+            out, row_passes = decode(torch.tensor([encoded[i] for i in chunk], device=device))
+            for i, row, n in zip(chunk, out, row_passes.tolist()):
+                responses[i], passes[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist()), n
+    return responses, passes

@@ -15,10 +15,13 @@ policy, not architecture: remasking.HeadRemask.
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 from common import CheckpointError, load_checkpoint, rebuild
 from model import Block, mask_response, most_confident, propose
 
@@ -108,15 +111,6 @@ def balanced_bce(logits, labels, where):
     return 0.5 * (loss * pos).sum() / pos.sum().clamp(min=1) + 0.5 * (loss * neg).sum() / neg.sum().clamp(min=1)
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve: P(a wrong token scores above a right one), ties counted half."""
-    pos, neg = scores[labels.bool()].double(), scores[~labels.bool()].double()
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    above = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
-    return above.item()
-
-
 class OtherBase(CheckpointError):
     """A head trained on another base than the one it is asked to correct."""
 
@@ -129,3 +123,26 @@ def load_head(path, base_fingerprint=None, made_by="python train_head.py"):
         raise OtherBase(f"{path} was trained on base {ckpt.get('base_fingerprint')}, but the base "
                               f"loaded is {base_fingerprint}; retrain it with `{made_by}`")
     return rebuild(path, ckpt, CorrectionHead, HeadConfig), ckpt
+
+
+@torch.no_grad()
+def step_time(base, head, enc, batch_size, repeats=30):
+    """Median milliseconds of the base forward pass and of the head on its hidden states."""
+    device = next(base.parameters()).device
+    prompts = data.encode_prompts(enc, [p.prompt for p in data.fixed_problems("code", "test", batch_size)])
+    x = torch.cat([prompts, torch.full((batch_size, data.GEN_LEN), enc.mask)], dim=1).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
+    base_t, head_t = [], []
+    for _ in range(repeats + 3):
+        sync()
+        t0 = time.perf_counter()
+        _, hidden = base(x, return_hidden=True)
+        sync()
+        t1 = time.perf_counter()
+        torch.sigmoid(head(hidden).float())
+        sync()
+        t2 = time.perf_counter()
+        base_t.append(t1 - t0)
+        head_t.append(t2 - t1)
+    median = lambda v: sorted(v[3:])[len(v[3:]) // 2] * 1000  # noqa: E731 (first 3 are warm-up)
+    return median(base_t), median(head_t)

@@ -124,8 +124,7 @@ def math_problem(rng, level=2):
         a, b, c = d[:3]
         prompt, answer = f"({a}+{b})*{c}=", (a + b) * c
         s = f"{a + b:02d}"
-        product = f"{s}*{c}" if rng.random() < 0.5 else f"{c}*{s}"
-        responses.append(f"{a}+{b}={s},{product}={answer:02d}")
+        responses.append(f"{a}+{b}={s}," + (f"{s}*{c}" if rng.random() < 0.5 else f"{c}*{s}") + f"={answer:02d}")
         ac, bc = f"{a * c:02d}", f"{b * c:02d}"
         responses.append(f"{_mul(a, c, rng)}={ac},{_mul(b, c, rng)}={bc},{ac}+{bc}={answer:02d}")
         responses.append(f"{_mul(b, c, rng)}={bc},{_mul(a, c, rng)}={ac},{bc}+{ac}={answer:02d}")
@@ -211,10 +210,9 @@ def code_problem(rng, level=2):
     # hidden tests depend only on the spec: [], then 0 and each number in it, up to three
     # steps either side (at the zero of x-k a threshold one off changes nothing), negated
     # and past 9, each value alone so that no two wrong terms cancel in a sum; mixed lists
-    ks, trng = [0] + [int(n) for n in re.findall(r"[0-9]+", spec)], random.Random(spec)
+    ks, rnd = [0] + [int(n) for n in re.findall(r"[0-9]+", spec)], random.Random(spec)
     values = sorted({s * (k + d) for k in ks for d in (*range(-3, 4), 10) for s in (1, -1)})
-    mixed = [[trng.randint(-20, 20) for _ in range(trng.randint(3, 7))] for _ in range(4)]
-    tests = [[]] + [[v] for v in values] + mixed
+    tests = [[]] + [[v] for v in values] + [[rnd.randint(-20, 20) for _ in range(rnd.randint(3, 7))] for _ in range(4)]
     bodies = _bodies(op, expr if op != "count" else "x", cond)
     if "*" in expr and expr != "x*x":  # x*3 may also be written 3*x
         bodies += [b.replace(expr, f"{ke}*x") for b in bodies]

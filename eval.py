@@ -56,8 +56,9 @@ import torch
 
 import autoregressive
 import data
-from cli import checkpoint_path, default_head, positive
-from common import CheckpointError, check_report_path, interruptible, load_model, model_fingerprint, pick_device, seed
+from cli import check_report_path, checkpoint_path, default_head, positive, seed
+from common import CheckpointError, interruptible, load_model, model_fingerprint, pick_device
+from corrector import step_time
 from proseco import ProSeCoCorrector, equal_passes_rule
 from report import (comparisons, interval, plot, print_across_runs, print_comparisons, print_speed, print_tables,
                     summary)
@@ -73,7 +74,7 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     problem, seconds, send-backs by each row's own step (remasking.per_row_counts),
     ProSeCo's corrector passes per problem on average (0 for every other decoder; they
     are part of the passes), and the base's forward FLOPs per problem (None under a
-    corrector, whose passes are not the steps: autoregressive.flops_per_answer counts them)."""
+    corrector, whose passes are not the steps: decoded_row counts them)."""
     counts, active, fed, batch_size, corrector = [], [], [], batch_size or len(problems), kwargs.get("corrector")
 
     def record(before, x, back, working):
@@ -91,7 +92,7 @@ def run(model, enc, problems, reveal, block_len, batch_size=None, **kwargs):
     finally:
         hook.remove()
     seconds = time.perf_counter() - t0
-    flops = None if corrector else sum(rows.sum().item() * autoregressive.diffusion_pass_flops(model, cols, width)
+    flops = None if corrector else sum(rows.sum().item() * model.pass_flops(cols, width)
                                        for rows, (cols, width) in zip(active, fed)) / len(problems)
     steps = sum(rows.sum().item() for rows in active)  # the predictor's passes: the corrector's are the rest
     return (responses, passes, seconds, per_row_counts(torch.stack(counts), torch.stack(active)),
@@ -314,9 +315,11 @@ def decoded_row(task, name, model, decode, fields, ctx, enc, problems, latency, 
         responses, passes, seconds, counts, corrector_passes, flops = decode(problems)
         ms_batch1 = 1000 * timed(decode, problems[:latency], 1) / latency if latency else None
         per_second = {b: b / timed(decode, (problems * b)[:b], b) for b in throughput}  # repeated to fill the batch
-    if flops is None:
+    if flops is None:  # the AR twin's cached passes, or a corrector's, each over the whole canvas
         widths = [len(data.encode_prompt(enc, p.prompt)) for p in problems]
-        flops = sum(autoregressive.flops_per_answer(model, w, n) for w, n in zip(widths, passes)) / len(problems)
+        flops = sum(autoregressive.flops_per_answer(model, w, n) if model.config.causal
+                    else n * model.pass_flops(w + data.GEN_LEN, w + data.GEN_LEN)
+                    for w, n in zip(widths, passes)) / len(problems)
     tokens = sum(min(data.GEN_LEN, len(enc.encode_ordinary(r)) + 1) for r in responses)  # and its EOS
     row = score_row(task, problems, responses, passes, seconds,
                     {**fields, "decoder": name, "remasked_per_problem": counts.sum().item() / len(problems),
@@ -381,29 +384,6 @@ def parse_settings(text):
     except ValueError as e:
         raise ValueError(f"--head-settings: {e}") from None
     return settings
-
-
-@torch.no_grad()
-def step_time(base, head, enc, batch_size, repeats=30):
-    """Median milliseconds of the base forward pass and of the head on its hidden states."""
-    device = next(base.parameters()).device
-    prompts = data.encode_prompts(enc, [p.prompt for p in data.fixed_problems("code", "test", batch_size)])
-    x = torch.cat([prompts, torch.full((batch_size, data.GEN_LEN), enc.mask)], dim=1).to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPU work is asynchronous
-    base_t, head_t = [], []
-    for _ in range(repeats + 3):
-        sync()
-        t0 = time.perf_counter()
-        _, hidden = base(x, return_hidden=True)
-        sync()
-        t1 = time.perf_counter()
-        torch.sigmoid(head(hidden).float())
-        sync()
-        t2 = time.perf_counter()
-        base_t.append(t1 - t0)
-        head_t.append(t2 - t1)
-    median = lambda v: sorted(v[3:])[len(v[3:]) // 2] * 1000  # noqa: E731 (first 3 are warm-up)
-    return median(base_t), median(head_t)
 
 
 if __name__ == "__main__":

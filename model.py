@@ -157,6 +157,14 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size // (2 if c.causal else 1)
 
+    def pass_flops(self, fed, width):
+        """Forward FLOPs of a diffusion pass that feeds `fed` columns of a canvas `width`
+        wide, each attending to all of them (fed < width: the others from a KV cache),
+        counted as nanoGPT counts them: 2N per token fed (N = num_params()) and
+        4 * n_layer * n_embd per (query, key) pair attended (QK^T and AV, 2 * n_embd each).
+        The base's passes only: a correction head's own (small) blocks are not counted."""
+        return fed * (2 * self.num_params() + 4 * self.config.n_layer * self.config.n_embd * width)
+
 
 # -----------------------------------------------------------------------------
 # the diffusion forward process and loss (METHOD.md section 1)

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from cli import checkpoint_path, default_head, positive
-from common import CheckpointError, interruptible, load_model, model_fingerprint, pick_device, seed
+from cli import checkpoint_path, default_head, positive, seed
+from common import CheckpointError, by_width, interruptible, load_model, model_fingerprint, pick_device
 from model import KVCache, most_confident, propose
 from remasking import HeadRemask, NoRemask, head_policy
 
@@ -285,23 +285,6 @@ def decode_problems(model, enc, problems, reveal, batch_size=256, **kwargs):
     passes per problem)."""
     decode = lambda prompts: generate_fast(model, prompts, reveal, eos_id=enc.eos, **kwargs)  # noqa: E731
     return by_width(enc, problems, batch_size, decode, next(model.parameters()).device)
-
-
-def by_width(enc, problems, batch_size, decode, device):
-    """Run decode((n, P) prompt ids) -> (tokens, passes per row) over the problems in
-    batches of prompts of one width, the layout the model was trained on; returns
-    (response texts, passes per problem) in the problems' order."""
-    responses, passes = [None] * len(problems), [0] * len(problems)
-    encoded, widths = [data.encode_prompt(enc, p.prompt) for p in problems], {}
-    for i, ids in enumerate(encoded):
-        widths.setdefault(len(ids), []).append(i)
-    for rows in widths.values():
-        for j in range(0, len(rows), batch_size):
-            chunk = rows[j:j + batch_size]
-            out, row_passes = decode(torch.tensor([encoded[i] for i in chunk], device=device))
-            for i, row, n in zip(chunk, out, row_passes.tolist()):
-                responses[i], passes[i] = data.decode_response(enc, row[-data.GEN_LEN:].tolist()), n
-    return responses, passes
 
 
 def show_canvas(enc, step, before, after, sent_back):

@@ -38,9 +38,10 @@ from tqdm import tqdm
 
 import autoregressive
 import data
-from common import (CheckpointError, a_kind, check_fits, check_flags, check_output_path, finish_distributed,
-                    interruptible, kind_of, load_checkpoint, lr_at, parameter_count, peak_flops, pick_device,
-                    save_checkpoint, seed, setup_distributed, uninterrupted)
+from cli import check_flags, seed
+from common import (CheckpointError, a_kind, check_fits, check_output_path, finish_distributed, interruptible, kind_of,
+                    load_checkpoint, lr_at, parameter_count, peak_flops, pick_device, save_checkpoint,
+                    setup_distributed, uninterrupted)
 from model import GPT, GPTConfig, mdlm_loss
 from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
 from sample import FixedSchedule, decode_problems

@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from corrector import CorrectionHead, HeadConfig, auroc, balanced_bce, fca_drafts
-from common import (CheckpointError, check_fits, check_flags, check_output_path, finish_distributed, interruptible,
-                    load_model, lr_at, model_fingerprint, parameter_count, peak_flops, pick_device, save_checkpoint,
-                    seed, setup_distributed)
+from cli import check_flags, seed
+from common import (CheckpointError, check_fits, check_output_path, finish_distributed, interruptible, load_model,
+                    lr_at, model_fingerprint, parameter_count, peak_flops, pick_device, save_checkpoint,
+                    setup_distributed)
+from corrector import CorrectionHead, HeadConfig, balanced_bce, fca_drafts
 from remasking import HeadRemask
 from sample import FixedSchedule, decode_problems, generate_fast
 
@@ -105,6 +106,15 @@ def check_args(args):
     config = HeadConfig(width=args.width, n_layer=args.n_layer)  # the base's width is checked when it loads
     check_fits(parameter_count(CorrectionHead, config), pick_device(args.device), 16, "--width and --n-layer")
     check_output_path(args.out, "head", inputs={"--base": args.base}, replace=args.overwrite)
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve: P(a wrong token scores above a right one), ties counted half."""
+    pos, neg = scores[labels.bool()].double(), scores[~labels.bool()].double()
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    above = (pos[:, None] > neg[None]).double().mean() + 0.5 * (pos[:, None] == neg[None]).double().mean()
+    return above.item()
 
 
 @torch.no_grad()

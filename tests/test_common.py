@@ -217,14 +217,14 @@ def test_the_temporary_file_of_a_live_writer_is_left_alone(tmp_path):
 
 @pytest.mark.parametrize("name", ["report.pt", "report"])
 def test_a_report_goes_only_to_a_file_named_for_it(tmp_path, name):
-    from common import check_report_path
+    from cli import check_report_path
     with pytest.raises(ValueError, match="a .json report goes to a file whose name ends .json"):
         check_report_path(str(tmp_path / name), ".json")
 
 
 def test_a_report_never_replaces_a_checkpoint_whatever_its_name(tmp_path, tiny_model, enc):
     import shutil
-    from common import check_report_path
+    from cli import check_report_path
     checkpoint = saved_tiny(tmp_path, tiny_model, enc)
     for suffix in (".json", ".png"):
         shutil.copy(checkpoint, tmp_path / f"named{suffix}")

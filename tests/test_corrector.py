@@ -3,7 +3,8 @@ import random
 import torch
 
 import data
-from corrector import auroc, fca_drafts
+from corrector import fca_drafts
+from train_head import auroc
 
 
 def test_fca_drafts_label_exactly_the_wrong_drafts(tiny_model, enc):

@@ -122,7 +122,6 @@ def test_eval_runs_each_diffusion_decoder_with_each_cache_and_prosecos_loop_unca
 
 
 def test_eval_counts_the_flops_of_the_columns_each_pass_fed(tmp_path, tiny_run):
-    import autoregressive
     import data
     from common import load_model
     (base, _), out = tiny_run, str(tmp_path / "eval.json")
@@ -132,7 +131,7 @@ def test_eval_counts_the_flops_of_the_columns_each_pass_fed(tmp_path, tiny_run):
     model, enc = load_model(base)[0], data.get_tokenizer()
     for task in data.TASKS:
         width = len(data.encode_prompt(enc, data.fixed_problems(task, "test", 1)[0].prompt))
-        whole = autoregressive.flops_per_answer(model, width, rows[task, "base"]["mean_passes"]) / 1e9
+        whole = rows[task, "base"]["mean_passes"] * model.pass_flops(width + data.GEN_LEN, width + data.GEN_LEN) / 1e9
         assert abs(rows[task, "base"]["gflops_per_answer"] - whole) < 1e-9 * whole  # every pass the whole canvas
         assert whole > rows[task, "base+prefix"]["gflops_per_answer"] > rows[task, "base+dual"]["gflops_per_answer"]
 
