@@ -8,11 +8,11 @@ per task and per decoder, on the fixed test set, scored by data.py's verifiers
     python eval.py --split val     # the same on validation problems, for choosing settings
     python eval.py --speed         # also time one decoding step: base pass vs head, and the head's share
     python eval.py --runs runs/seed2 runs/seed3 runs/seed4   # several training runs: each, then mean +- std
-    python eval.py --decoders base,dsc,ar --tokens-per-step 4 --thresholds 0.9 --cache none,prefix,dual \
+    python eval.py --decoders base,dsc,ar --steps 8 --thresholds 0.9 --cache none,prefix,dual \
         --latency 20 --throughput 64,256    # the race against the AR twin, with and without a KV cache
 
 Every decoder is run under both reveal rules (sample.py): the fixed schedule at
---tokens-per-step, and the confidence threshold at each of --thresholds. A
+each of --steps, and the confidence threshold at each of --thresholds. A
 decoder is a model and a remasking policy (remasking.py):
     base      the base alone (LLaDA)
     dsc       the DSC head trained with FCA                      (out/head.pt)
@@ -148,7 +148,8 @@ def main(argv=None):
                              "tau=0.9,max_per_position=1,check_every=1")
     parser.add_argument("--split", choices=("test", "val"), default="test", help="problems to score")
     parser.add_argument("--num", type=positive(int), default=None, help="problems per task (default: the whole split)")
-    parser.add_argument("--tokens-per-step", default="1,2,4,8", help="fixed-schedule points")
+    parser.add_argument("--steps", default="32,16,8,4",
+                        help="fixed-schedule points: passes per answer, as sample.py's --steps (32 = 1 token/step)")
     parser.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99", help="confidence-threshold points")
     parser.add_argument("--rollback", default="", help="DSC's rollback schedule at these tokens per step (e.g. 2,4,8)")
     parser.add_argument("--block-len", type=int, default=BLOCK_LEN,
@@ -161,10 +162,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         check_blocks(data.GEN_LEN, args.block_len)
-        for k in parse_list(args.tokens_per_step, int):
-            if not 0 < k <= data.GEN_LEN or data.GEN_LEN % k:
-                raise ValueError(f"--tokens-per-step: each must divide {data.GEN_LEN}, got {k}")
-        rules = [("fixed", k, FixedSchedule(data.GEN_LEN // k)) for k in parse_list(args.tokens_per_step, int)]
+        for n in parse_list(args.steps, int):
+            if not 0 < n <= data.GEN_LEN or data.GEN_LEN % n:
+                raise ValueError(f"--steps: each must divide {data.GEN_LEN} (whole tokens per step), got {n}")
+        rules = [("fixed", data.GEN_LEN // n, FixedSchedule(n)) for n in parse_list(args.steps, int)]
         rules += [("threshold", tau, ConfidenceThreshold(tau)) for tau in parse_list(args.thresholds, float)]
         rules += [("rollback", k, Rollback(k)) for k in parse_list(args.rollback, int)]
         for kind, k, rule in rules:

@@ -69,11 +69,11 @@ stage train_base 200 "$PYTHON" train_base.py --out "$CKPT/base.pt" --overwrite -
 if [ -f "$CKPT/base.pt" ]; then  # a run stopped by its limit has saved one too
     stage train_head 150 "$PYTHON" train_head.py --base "$CKPT/base.pt" --out "$CKPT/head.pt" --overwrite \
         --max-iters "$HEAD_ITERS" --taus 0.9
-    stage eval 120 "$PYTHON" eval.py --speed --num 150 --tokens-per-step 1,4 --thresholds 0.9 \
+    stage eval 120 "$PYTHON" eval.py --speed --num 150 --steps 32,8 --thresholds 0.9 \
         --base "$CKPT/base.pt" --head "$CKPT/head.pt" --head-nofca "$CKPT/none.pt" --proseco "$CKPT/none.pt" \
         --out "$OUT/eval.json"
 fi
-stage race "$BUDGET_S" "$PYTHON" eval.py --eager --decoders base,dsc,ar --tokens-per-step 4 --thresholds 0.9 \
+stage race "$BUDGET_S" "$PYTHON" eval.py --eager --decoders base,dsc,ar --steps 8 --thresholds 0.9 \
     --cache none,prefix,dual --latency 20 --throughput 64,256 --out "$OUT/race.json"
 [ -n "$MEMORY_LOG" ] && kill "$MEMORY_LOG" 2>/dev/null
 echo "all stages: $(( $(date +%s) - START )) s" >> "$OUT/stages.txt"

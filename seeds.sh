@@ -31,7 +31,7 @@ one_seed() {
     [ -f "$dir/head.pt" ] || python train_head.py --seed "$seed" --base "$dir/base.pt" --out "$dir/head.pt"
     [ -f "$dir/head_nofca.pt" ] || python train_head.py --no-fca --seed "$seed" --base "$dir/base.pt" \
         --out "$dir/head_nofca.pt"
-    [ -f "$dir/eval.json" ] || python eval.py --runs "$dir" --tokens-per-step 1,4,8 --thresholds 0.9 \
+    [ -f "$dir/eval.json" ] || python eval.py --runs "$dir" --steps 32,8,4 --thresholds 0.9 \
         --out "$dir/eval.json" > "$dir/eval.md"
 }
 

@@ -25,7 +25,7 @@ def test_eval_compares_every_method_at_equal_forward_passes(tmp_path, tiny_run):
     (base, head), out = tiny_run, str(tmp_path / "eval.json")
     evaluate.main(["--base", base, "--head", head, "--head-nofca", head, "--proseco", str(tmp_path / "none.pt"),
                    "--ar", str(tmp_path / "none.pt"),
-                   "--num", "4", "--tokens-per-step", "4", "--thresholds", "0.5", "--out", out])
+                   "--num", "4", "--steps", "8", "--thresholds", "0.5", "--out", out])
     result = json.load(open(out))
     rows = {(r["task"], r["rule"], r["decoder"]): r for r in result["rows"]}
     assert {d for _, _, d in rows} == {"base", "dsc", "no-fca", "random", "remdm-conf", "remdm-loop"}
@@ -45,7 +45,7 @@ def test_eval_runs_proseco_at_the_unmasking_budget_and_at_equal_total_passes(tmp
     (base, _), out, none = tiny_run, str(tmp_path / "eval.json"), str(tmp_path / "none.pt")
     evaluate.main(["--base", base, "--proseco", base,  # the base as ProSeCo
                    "--head", none, "--head-nofca", none, "--ar", none,
-                   "--num", "4", "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+                   "--num", "4", "--steps", "8", "--thresholds", "", "--out", out])
     result = json.load(open(out))
     rows = {(r["task"], r["decoder"]): r for r in result["rows"]}
     claims = {(c["task"], tuple(c["a"]), tuple(c["b"])) for c in result["comparisons"]}
@@ -66,7 +66,7 @@ def test_eval_reads_several_runs_and_compares_on_each(tmp_path, tiny_run, capsys
         shutil.copy(base, run / "base.pt")
         shutil.copy(head, run / "head.pt")
     out = str(tmp_path / "eval.json")
-    evaluate.main(["--runs", *map(str, runs), "--num", "4", "--tokens-per-step", "1,4", "--thresholds", "",
+    evaluate.main(["--runs", *map(str, runs), "--num", "4", "--steps", "32,8", "--thresholds", "",
                    "--out", out])
     result = json.load(open(out))
     assert {r["run"] for r in result["rows"]} == set(map(str, runs))
@@ -115,7 +115,7 @@ def test_eval_runs_each_diffusion_decoder_with_each_cache_and_prosecos_loop_unca
     (base, head), out = tiny_run, str(tmp_path / "eval.json")
     evaluate.main(["--base", base, "--head", head, "--proseco", base, "--ar", str(tmp_path / "none.pt"),
                    "--decoders", "base,dsc,random,proseco-plain,proseco", "--cache", "none,dual", "--num", "3",
-                   "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+                   "--steps", "8", "--thresholds", "", "--out", out])
     names = {r["decoder"] for r in json.load(open(out))["rows"]}
     assert names == {"base", "dsc", "random", "proseco-plain", "proseco", "base+dual", "dsc+dual", "random+dual",
                      "proseco-plain+dual"}
@@ -126,7 +126,7 @@ def test_eval_counts_the_flops_of_the_columns_each_pass_fed(tmp_path, tiny_run):
     from common import load_model
     (base, _), out = tiny_run, str(tmp_path / "eval.json")
     evaluate.main(["--base", base, "--decoders", "base", "--cache", "none,prefix,dual", "--num", "3",
-                   "--tokens-per-step", "4", "--thresholds", "", "--out", out])
+                   "--steps", "8", "--thresholds", "", "--out", out])
     rows = {(r["task"], r["decoder"]): r for r in json.load(open(out))["rows"]}
     model, enc = load_model(base)[0], data.get_tokenizer()
     for task in data.TASKS:
@@ -138,7 +138,7 @@ def test_eval_counts_the_flops_of_the_columns_each_pass_fed(tmp_path, tiny_run):
 
 def test_eval_times_answers_per_second_at_each_batch_size_and_counts_tokens_per_pass(tmp_path, tiny_run):
     (base, _), out = tiny_run, str(tmp_path / "eval.json")
-    evaluate.main(["--base", base, "--decoders", "base", "--num", "3", "--tokens-per-step", "1", "--thresholds", "",
+    evaluate.main(["--base", base, "--decoders", "base", "--num", "3", "--steps", "32", "--thresholds", "",
                    "--throughput", "2,5", "--out", out])
     for r in json.load(open(out))["rows"]:
         assert set(r["answers_per_second"]) == {"2", "5"} and min(r["answers_per_second"].values()) > 0
@@ -150,7 +150,7 @@ def test_eval_eager_decodes_without_compiling(tmp_path, tiny_run, monkeypatch):
     decode = evaluate.decode_problems
     monkeypatch.setattr(evaluate, "decode_problems",
                         lambda *a, **kw: (seen.append(kw.get("compile")), decode(*a, **kw))[1])
-    evaluate.main(["--base", base, "--decoders", "base", "--eager", "--num", "2", "--tokens-per-step", "4",
+    evaluate.main(["--base", base, "--decoders", "base", "--eager", "--num", "2", "--steps", "8",
                    "--thresholds", "", "--out", str(tmp_path / "eval.json")])
     assert seen and all(c is False for c in seen)
 
@@ -165,7 +165,7 @@ def test_eval_refuses_a_bad_cache_decoder_or_batch_size_in_one_line(argv, messag
 
 def test_eval_refuses_a_block_length_that_does_not_fit_a_budget(tmp_path):
     with pytest.raises(SystemExit, match="^error: .*") as e:  # one line, before any checkpoint is read
-        evaluate.main(["--tokens-per-step", "16", "--block-len", "8", "--base", str(tmp_path / "none.pt")])
+        evaluate.main(["--steps", "2", "--block-len", "8", "--base", str(tmp_path / "none.pt")])
     assert e.value.code != 0
 
 
@@ -200,8 +200,8 @@ def test_eval_refuses_head_settings_that_cannot_work(setting):
     assert setting.split("=")[0] in one_line_error(evaluate.main, ["--head-settings", setting])
 
 
-def test_eval_refuses_zero_tokens_per_step_in_one_line():
-    assert "--tokens-per-step" in one_line_error(evaluate.main, ["--tokens-per-step", "0"])
+def test_eval_refuses_zero_steps_in_one_line():
+    assert "--steps" in one_line_error(evaluate.main, ["--steps", "0"])
 
 
 def test_eval_refuses_a_seed_torch_cannot_take_with_a_usage_error():
@@ -236,7 +236,7 @@ def test_eval_after_the_readme_main_job_on_a_fresh_copy_uses_its_own_weights(tmp
     run("train_base.py", *TINY, "--max-iters", "2", "--eval-every", "2")
     run("train_head.py", "--max-iters", "2", "--batch-size", "8", "--val-problems", "2", "--width", "16",
         "--device", "cpu")
-    result = run("eval.py", "--num", "2", "--tokens-per-step", "4", "--thresholds", "", "--device", "cpu")
+    result = run("eval.py", "--num", "2", "--steps", "8", "--thresholds", "", "--device", "cpu")
     assert "skipping" in result.stderr and "head_nofca.pt" in result.stderr and "--no-fca" in result.stderr
     rows = json.load(open(copy / "out" / "eval.json"))["rows"]
     assert {"base", "dsc"} <= {r["decoder"] for r in rows} and "no-fca" not in {r["decoder"] for r in rows}
