@@ -187,9 +187,9 @@ def main(argv=None):
         if args.plot:
             check_report_path(os.path.splitext(args.out)[0] + ".png", ".png")
         device = pick_device(args.device)
-        problems = {task: list(data.fixed_problems(task, args.split, args.num)) for task in data.TASKS}
         enc = data.get_tokenizer()
         loaded = {name: load_run(paths, enc, device, overrides) for name, paths in runs.items()}  # all, before any work
+        problems = {task: list(data.fixed_problems(task, args.split, args.num)) for task in data.TASKS}
     except (CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -298,8 +298,8 @@ def main(argv=None):
     if master:
         policy, by_tau = pick_remasking(base, head, enc, numbers(args.taus, float), args.val_problems, ctx)
         tau = policy.tau
-        metrics = detection_metrics(base, head, enc, tau, ctx, args)
-        decoded = decoding_detection(base, head, enc, tau, ctx)
+        metrics = detection_metrics(base, head, enc, tau, ctx, args, batch_size=args.batch_size)
+        decoded = decoding_detection(base, head, enc, tau, ctx, n=args.val_problems)
         save_checkpoint(args.out, model=head.state_dict(), model_args=asdict(config), base_fingerprint=fingerprint,
                         tokenizer_id=data.tokenizer_id(enc), metrics=metrics, decoded_metrics=decoded,
                         remasking=policy.settings(), val_accuracy=[[t, a] for t, a in by_tau.items()],
