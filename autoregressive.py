@@ -1,6 +1,6 @@
 """
 The autoregressive (AR) reference: the same network as the diffusion base
-(model.GPT, its size and data), with causal attention, trained on next-token
+(model.Transformer, its size and data), with causal attention, trained on next-token
 cross-entropy and decoded left to right, one token per pass. It is what a reader
 will ask the diffusion model to beat: an AR decoder makes no dependency errors
 by construction (each token is chosen knowing every token before it), at the
@@ -9,7 +9,7 @@ and must then correct the mixtures that come of it.
 
     python train_base.py --objective ar   # trains it -> out/ar.pt
 
-Positions: GPT.forward counts positions back from the canvas end, so the AR model
+Positions: Transformer.forward counts positions back from the canvas end, so the AR model
 is trained on the whole prompt + GEN_LEN canvas (the logits at column i predict
 column i + 1) and decoded on a canvas of the same width: every token has the same
 position when trained on and when decoded.
@@ -45,9 +45,9 @@ def generate(model, prompt_ids, eos_id=None, cache=True):
     single-token pass per new token, reading the keys and values cached so far.
     cache=False, the reference: every step reruns the whole canvas; the columns after
     the prefix cannot reach it (causal attention), so this is the prefix's forward
-    pass, with GPT.forward's own positions. With eos_id, a row that has produced EOS
+    pass, with Transformer.forward's own positions. With eos_id, a row that has produced EOS
     is filled with EOS and stops costing passes. The mask token is never produced
-    (GPT's never_mask)."""
+    (Transformer's never_mask)."""
     if not model.config.causal:
         raise ValueError("autoregressive decoding needs a causal model (train_base.py --objective ar)")
     B, P = prompt_ids.shape
@@ -83,7 +83,7 @@ def decode_problems(model, enc, problems, batch_size=256, cache=True):
 
 def flops_per_answer(model, prompt_len, passes):
     """Forward FLOPs of the cached decoder to answer one prompt of prompt_len columns in
-    `passes` forward passes, counted as GPT.pass_flops counts them: the n passes feed
+    `passes` forward passes, counted as Transformer.pass_flops counts them: the n passes feed
     T = P + n - 1 tokens once each (the last token produced is never fed), each
     attending to itself and those before it: 2N * T + 4 * n_layer * n_embd * T(T + 1)/2.
     Count each answer, then average: the count is not linear in passes."""

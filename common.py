@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 import data
-from model import GPT, GPTConfig
+from model import Transformer, TransformerConfig
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def check_output_path(path, kind, inputs=None, replace=False, how="pass --overwr
 
 
 def load_model(path, tokenizer_id=None, made_by="python train_base.py", kinds=DIFFUSION):
-    """A GPT rebuilt from a checkpoint, in eval mode, refusing another tokenizer and any
+    """A Transformer rebuilt from a checkpoint, in eval mode, refusing another tokenizer and any
     kind (see kind_of) not in `kinds`: a diffusion decoder never runs the AR model, nor the reverse."""
     ckpt = load_checkpoint(path, made_by)
     if kind_of(ckpt) not in kinds:
@@ -182,7 +182,7 @@ def load_model(path, tokenizer_id=None, made_by="python train_base.py", kinds=DI
     if tokenizer_id is not None and ckpt.get("tokenizer_id") != tokenizer_id:
         raise CheckpointError(f"{path} was trained with tokenizer {ckpt.get('tokenizer_id')}, "
                               f"this code builds tokenizer {tokenizer_id}")
-    return rebuild(path, ckpt, GPT, GPTConfig), ckpt
+    return rebuild(path, ckpt, Transformer, TransformerConfig), ckpt
 
 
 def rebuild(path, ckpt, module_cls, config_cls):

@@ -1,6 +1,7 @@
 """
-The masked diffusion LM: a bidirectional nanoGPT-style transformer and the MDLM
-training loss (checkpoints and training infrastructure live in common.py).
+The masked diffusion LM: a bidirectional nanoGPT-style transformer (Transformer)
+and the masked diffusion loss, mean cross-entropy over the masked tokens or, with
+elbo_weight, MDLM's bound (checkpoints and training infrastructure live in common.py).
 
 No causal mask and no time conditioning (MDLM default, LLaDA): the model infers
 how noisy its input is from the <|mask|> tokens it sees. forward() can also
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 
 @dataclass
-class GPTConfig:
+class TransformerConfig:
     vocab_size: int = 320  # tokenizer size; the last id is <|mask|>
     block_size: int = 80  # the widest canvas: PROMPT_LEN + GEN_LEN
     n_layer: int = 4
@@ -106,7 +107,10 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class GPT(nn.Module):
+class Transformer(nn.Module):
+    """The network: a bidirectional denoiser that predicts every column's token from a
+    partly masked canvas (causal=True: the autoregressive twin, next token at each column)."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -184,7 +188,7 @@ def mask_response(x0, prompt_len, t, mask_id):
     return torch.where(masked, mask_id, x0), masked
 
 
-def mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight=False, t_low=0.0):
+def masked_diffusion_loss(model, x0, prompt_len, mask_id, elbo_weight=False, t_low=0.0):
     """Masked diffusion loss. Default: mean cross-entropy over masked positions
     (it learns far faster than the ELBO at this scale: its 1/t weight is noisy); with
     elbo_weight, the MDLM bound: CE weighted by 1/t, summed, over response tokens.

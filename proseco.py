@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import data
-from model import mdlm_loss
+from model import masked_diffusion_loss
 from sample import FixedSchedule
 
 # Where the corrector's training input shows the model's argmax (CORRECTOR_INPUT below):
@@ -36,12 +36,12 @@ CORRECTOR_INPUT = "all"  # level with "masked" on validation (docs/LOG.md), so t
 
 
 def proseco_loss(model, x0, prompt_len, mask_id, elbo_weight=False, corrector_input=CORRECTOR_INPUT):
-    """The masked loss (the base's, mdlm_loss) plus the corrector term: the model maps
+    """The masked loss (the base's, masked_diffusion_loss) plus the corrector term: the model maps
     its own argmax reconstruction y back to x0 at every response position, each
     token weighted by 1/t, summed and divided by the response tokens (the released
     normalisation; next to the base's mean over masked tokens it has the released
     relative scale, as that mean is the 1/t-weighted sum in expectation)."""
-    unmask, logits, t, masked = mdlm_loss(model, x0, prompt_len, mask_id, elbo_weight, t_low=0.1)
+    unmask, logits, t, masked = masked_diffusion_loss(model, x0, prompt_len, mask_id, elbo_weight, t_low=0.1)
     is_response = (torch.arange(x0.shape[1], device=x0.device) >= prompt_len).expand_as(x0)
     shown = is_response if corrector_input == "all" else masked
     y = torch.where(shown, logits.detach().argmax(-1), x0)

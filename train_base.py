@@ -42,7 +42,7 @@ from cli import check_flags, seed
 from common import (CheckpointError, a_kind, check_fits, check_output_path, finish_distributed, interruptible, kind_of,
                     load_checkpoint, lr_at, parameter_count, peak_flops, pick_device, save_checkpoint,
                     setup_distributed, uninterrupted)
-from model import GPT, GPTConfig, mdlm_loss
+from model import Transformer, TransformerConfig, masked_diffusion_loss
 from proseco import CORRECTOR_INPUT, CORRECTOR_INPUTS, proseco_loss
 from sample import FixedSchedule, decode_problems
 
@@ -104,7 +104,7 @@ def check_args(args):
                         "left off with --objective ar, whose loss has no t"),
                        ("--corrector-input", args.corrector_input is None or args.objective == "proseco",
                         "given only with --objective proseco")])
-    check_fits(parameter_count(GPT, model_config(args)), args.device, 16, "--n-layer, --n-embd and --n-head")
+    check_fits(parameter_count(Transformer, model_config(args)), args.device, 16, "--n-layer, --n-embd and --n-head")
     for task in data.TASKS:  # ValueError now, not at the first validation, if the split is too small
         data.fixed_problems(task, "val", args.eval_problems, args.level)
     check_output_path(args.out, args.objective, replace=args.resume or args.overwrite,
@@ -113,7 +113,7 @@ def check_args(args):
 
 def model_config(args):
     """The network the flags ask for (a resumed run: the flags its checkpoint set)."""
-    return GPTConfig(vocab_size=data.get_tokenizer().n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
+    return TransformerConfig(vocab_size=data.get_tokenizer().n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
 
 
@@ -158,7 +158,7 @@ def loss_of(objective, corrector_input=CORRECTOR_INPUT):
         return lambda model, x0, prompt_len, mask_id, elbo_weight: autoregressive.ar_loss(model, x0, prompt_len)
     if objective == "proseco":
         return partial(proseco_loss, corrector_input=corrector_input)
-    return lambda model, x0, prompt_len, mask_id, elbo_weight: mdlm_loss(model, x0, prompt_len, mask_id,
+    return lambda model, x0, prompt_len, mask_id, elbo_weight: masked_diffusion_loss(model, x0, prompt_len, mask_id,
                                                                          elbo_weight)[0]
 
 
@@ -256,9 +256,9 @@ def main(argv=None):
 
     # the model and its optimizer, fresh or resumed; compiled (static shapes: one compilation
     # serves the whole run) and wrapped for DDP, raw_model kept for saving and decoding
-    config = GPTConfig(**ckpt["model_args"]) if ckpt else model_config(args)
+    config = TransformerConfig(**ckpt["model_args"]) if ckpt else model_config(args)
     start_iter, best_val = (ckpt["iter"], ckpt["best_val"]) if ckpt else (0, float("-inf"))
-    model = raw_model = GPT(config).to(args.device)
+    model = raw_model = Transformer(config).to(args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=cuda)
     if ckpt:

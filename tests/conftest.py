@@ -8,7 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
 import data  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import Transformer, TransformerConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -17,14 +17,14 @@ def enc():
 
 
 def tiny_config(enc, **kw):
-    return GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
+    return TransformerConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
                      n_layer=kw.get("n_layer", 2), n_head=2, n_embd=kw.get("n_embd", 32))
 
 
 @pytest.fixture
 def tiny_model(enc):
     torch.manual_seed(0)
-    return GPT(tiny_config(enc)).eval()
+    return Transformer(tiny_config(enc)).eval()
 
 
 # a training run small enough for a test: tiny model, tiny batch, CPU

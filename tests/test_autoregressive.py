@@ -8,15 +8,15 @@ import autoregressive
 import data
 from common import CheckpointError, kind_of, load_checkpoint, load_model, save_checkpoint
 from conftest import TINY, one_line_error, tiny_config
-from model import GPT, KVCache
+from model import Transformer, KVCache
 
 
 def causal_model(enc, std=None):
-    """A tiny causal GPT. With std, its matrices redrawn at that scale and the EOS logit
+    """A tiny causal Transformer. With std, its matrices redrawn at that scale and the EOS logit
     doubled: a freshly initialised one repeats one token forever, and this one writes
     varied tokens and ends its answers at varied lengths, so EOS stopping is exercised."""
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(tiny_config(enc), causal=True)).eval()
+    model = Transformer(dataclasses.replace(tiny_config(enc), causal=True)).eval()
     if std is not None:
         with torch.no_grad():
             for p in model.parameters():
@@ -49,7 +49,7 @@ def test_a_later_token_never_changes_earlier_logits_and_the_cache_matches_the_fu
     y[:, 60] = (x[:, 60] + 1) % 100
     full, changed = model(x), model(y)
     assert torch.equal(full[:, :60], changed[:, :60]) and not torch.allclose(full[:, 60:], changed[:, 60:])
-    # the cached passes, at the positions GPT.forward gives: the prompt at once, then one token each
+    # the cached passes, at the positions Transformer.forward gives: the prompt at once, then one token each
     P, kv = x.shape[1] - data.GEN_LEN, KVCache(x.shape[1])
     cached = [model(x[:, :P], cache=kv)]
     cached += [model(x[:, i:i + 1], cache=kv, start=i) for i in range(P, P + 3)]
@@ -98,7 +98,7 @@ def test_an_ar_run_saves_an_ar_checkpoint_that_resumes_and_that_no_diffusion_dec
     message = one_line_error(train_base.main, TINY + ["--objective", "ar", "--out", out, "--overwrite",
                                                       "--max-iters", "2", "--elbo-weight"])
     assert "--elbo-weight" in message
-    diffusion = GPT(tiny_config(enc))
+    diffusion = Transformer(tiny_config(enc))
     save_checkpoint(base, model=diffusion.state_dict(), model_args=vars(diffusion.config), iter=1,
                     tokenizer_id=data.tokenizer_id(enc), config={"objective": "mdlm"})
     assert "is a mdlm checkpoint, this run trains --objective ar" in one_line_error(

@@ -45,7 +45,7 @@ def test_checkpoint_from_another_tokenizer_is_refused(tmp_path, tiny_model, enc)
 def test_checkpoint_from_another_config_is_refused(tmp_path, tiny_model, enc):
     args = dict(vars(tiny_model.config), n_embd=48)
     path = saved_tiny(tmp_path, tiny_model, enc, model_args=args)
-    with pytest.raises(CheckpointError, match="base.pt does not match GPT"):
+    with pytest.raises(CheckpointError, match="base.pt does not match Transformer"):
         load_model(path, data.tokenizer_id(enc))
 
 
@@ -191,8 +191,8 @@ def test_a_checkpoint_whose_config_is_far_larger_than_its_weights_is_refused_bef
 def test_an_ar_checkpoint_is_known_by_its_causal_weights_whatever_its_label_says(tmp_path, enc, label):
     import dataclasses
     from conftest import tiny_config
-    from model import GPT
-    causal = GPT(dataclasses.replace(tiny_config(enc), causal=True))
+    from model import Transformer
+    causal = Transformer(dataclasses.replace(tiny_config(enc), causal=True))
     path = saved_tiny(tmp_path, causal, enc, **({"config": {"objective": label}} if label else {}))
     with pytest.raises(CheckpointError, match="holds an ar checkpoint|its model is causal"):
         load_model(path, data.tokenizer_id(enc))  # a diffusion decoder's load

@@ -23,7 +23,7 @@ import train_base
 from conftest import tiny_config
 from corrector import CorrectionHead, HeadConfig
 from common import load_model, save_checkpoint
-from model import GPT, GPTConfig, mdlm_loss
+from model import Transformer, TransformerConfig, masked_diffusion_loss
 from remasking import HeadRemask, NoRemask
 from sample import FixedSchedule, generate, generate_fast
 
@@ -70,7 +70,7 @@ def training_step(model, run, batches, enc, seed):
     logits = []
 
     def loss_fn(*a):
-        loss, task_logits, _, _ = mdlm_loss(*a)
+        loss, task_logits, _, _ = masked_diffusion_loss(*a)
         logits.append(task_logits.detach())
         return loss
 
@@ -83,7 +83,7 @@ def training_step(model, run, batches, enc, seed):
 
 def test_inductor_training_step_matches_eager_and_compiles_once_per_canvas_width(enc):
     torch.manual_seed(0)
-    model = GPT(tiny_config(enc))
+    model = Transformer(tiny_config(enc))
     graphs = []
     compiled = torch.compile(model, backend=counting_inductor(graphs), dynamic=False)  # as train_base.py on CUDA
     rng = random.Random(0)
@@ -137,7 +137,7 @@ def decode(model, prompts, steps, remask, enc, compile):
 @pytest.mark.parametrize("with_head", [False, True], ids=["base", "head"])
 def test_inductor_decoding_step_gives_the_eager_tokens_and_compiles_once(enc, with_head):
     torch.manual_seed(0)
-    base = GPT(tiny_config(enc)).eval()
+    base = Transformer(tiny_config(enc)).eval()
     head = CorrectionHead(HeadConfig(n_embd_in=base.config.n_embd, width=16)).eval()
     remask = HeadRemask(head, tau=0.0) if with_head else NoRemask()  # tau 0: the head sends back at every check
     prompts = code_prompts(enc)
@@ -174,7 +174,7 @@ def test_bf16_autocast_trains_decodes_without_the_mask_and_saves_float32(enc, tm
     bf16 = torch.autocast("cpu", dtype=torch.bfloat16)  # the CUDA runs' ctx, on this device
     torch.manual_seed(0)
     config = tiny_config(enc)
-    model = GPT(config)
+    model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
     rng = random.Random(0)
     for _ in range(3):
@@ -226,10 +226,10 @@ def saved_bytes(run):
 
 
 def test_cuda_default_model_trains_a_step_and_decodes_here(enc):
-    config = GPTConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
+    config = TransformerConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
                        n_layer=CUDA_PRESET["n_layer"], n_head=CUDA_PRESET["n_head"], n_embd=CUDA_PRESET["n_embd"])
     torch.manual_seed(0)
-    model = GPT(config)
+    model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=True)  # as on CUDA; PyTorch has a fused CPU kernel too
     bf16, loss_fn = torch.autocast("cpu", dtype=torch.bfloat16), train_base.loss_of("mdlm")

@@ -3,7 +3,7 @@ import random
 import torch
 
 import data
-from model import GPT, mask_response, mdlm_loss
+from model import Transformer, mask_response, masked_diffusion_loss
 from conftest import tiny_config
 
 
@@ -40,12 +40,12 @@ def test_mask_token_is_never_predicted(tiny_model):
 def test_loss_counts_only_masked_response_positions(tiny_model, enc):
     x0 = data.get_batch(enc, 4, random.Random(0))[1]  # 1 code row, the widest canvas
     torch.manual_seed(0)
-    loss, logits, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask)
+    loss, logits, t, masked = masked_diffusion_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask)
     assert not masked[:, :data.PROMPT_LEN].any() and masked.any()
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
     assert torch.allclose(loss, ce[masked].mean())
     torch.manual_seed(0)
-    elbo, _, t, masked = mdlm_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask, elbo_weight=True)
+    elbo, _, t, masked = masked_diffusion_loss(tiny_model, x0, data.PROMPT_LEN, enc.mask, elbo_weight=True)
     assert torch.allclose(elbo, (ce * masked / t[:, None]).sum() / (len(x0) * data.GEN_LEN))
 
 
@@ -56,10 +56,10 @@ def test_tiny_model_overfits_a_handful_of_examples(enc):
     problems = [data.sample_problem("math", "train", rng) for _ in range(4)]
     prompts = data.encode_prompts(enc, [p.prompt for p in problems])
     x0 = torch.cat([prompts, torch.tensor([data.encode_response(enc, p.responses[0]) for p in problems])], dim=1)
-    model = GPT(tiny_config(enc, n_embd=64))
+    model = Transformer(tiny_config(enc, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(600):
-        loss = mdlm_loss(model, x0, prompts.shape[1], enc.mask)[0]
+        loss = masked_diffusion_loss(model, x0, prompts.shape[1], enc.mask)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -77,10 +77,10 @@ def test_compiled_training_step_compiles_once_per_canvas_width(enc):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = GPT(tiny_config(enc))
+    model = Transformer(tiny_config(enc))
     compiled = torch.compile(model, backend=counting_backend, dynamic=False)  # as train_base.py does on CUDA
     rng = random.Random(0)
     for _ in range(3):  # fresh batches, masks and t every step: each task's shape stays the same
         for x0 in data.get_batch(enc, 8, rng):
-            mdlm_loss(compiled, x0, x0.shape[1] - data.GEN_LEN, enc.mask)[0].backward()
+            masked_diffusion_loss(compiled, x0, x0.shape[1] - data.GEN_LEN, enc.mask)[0].backward()
     assert len(graphs) == len(data.PROMPT_WIDTHS)

@@ -60,7 +60,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     import pytest
     out = str(tmp_path / "base.pt")
     train_base.main(TINY + ["--out", out, "--max-iters", "2", "--eval-every", "2"])
-    monkeypatch.setattr(train_base, "mdlm_loss", lambda *a: (torch.tensor(float("nan"), requires_grad=True),))
+    nan_loss = torch.tensor(float("nan"), requires_grad=True)
+    monkeypatch.setattr(train_base, "masked_diffusion_loss", lambda *a: (nan_loss,))
     with pytest.raises(SystemExit, match="loss became nan at step 2"):
         train_base.main(TINY + ["--out", out, "--max-iters", "4", "--eval-every", "2", "--resume"])
     assert load_checkpoint(out)["iter"] == 2
@@ -131,9 +132,9 @@ def tiny_checkpoint(path, enc, objective="mdlm"):
     import data
     from conftest import tiny_config
     from common import save_checkpoint
-    from model import GPT
+    from model import Transformer
     torch.manual_seed(0)
-    model = GPT(tiny_config(enc))
+    model = Transformer(tiny_config(enc))
     save_checkpoint(str(path), model=model.state_dict(), optimizer=torch.optim.AdamW(model.parameters()).state_dict(),
                     model_args=vars(model.config), tokenizer_id=data.tokenizer_id(enc), iter=2, best_val=0.0,
                     config={"objective": objective})
