@@ -236,7 +236,8 @@ def test_eval_after_the_readme_main_job_on_a_fresh_copy_uses_its_own_weights(tmp
     run("train_base.py", *TINY, "--max-iters", "2", "--eval-every", "2")
     run("train_head.py", "--max-iters", "2", "--batch-size", "8", "--val-problems", "2", "--width", "16",
         "--device", "cpu")
-    result = run("eval.py", "--num", "2", "--steps", "8", "--thresholds", "", "--device", "cpu")
+    result = run("eval.py", "--decoders", "base,dsc,no-fca", "--num", "2", "--steps", "8", "--thresholds", "",
+                 "--device", "cpu")
     assert "skipping" in result.stderr and "head_nofca.pt" in result.stderr and "--no-fca" in result.stderr
     rows = json.load(open(copy / "out" / "eval.json"))["rows"]
     assert {"base", "dsc"} <= {r["decoder"] for r in rows} and "no-fca" not in {r["decoder"] for r in rows}
