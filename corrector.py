@@ -13,9 +13,8 @@ How the head is used at inference (tau, K, the check cadence) is decoding
 policy, not architecture: remasking.HeadRemask.
 """
 
-from dataclasses import dataclass
-
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -223,7 +223,8 @@ def generate_fast(model, prompt_ids, reveal, policy=NoRemask(), corrector=None, 
             x, state, sent_back, corrector_passes = step_fn(
                 model, x, open_, block, active, steps_left[s], state, reveal, policy, P, eos_id, temperature,
                 generator, kv, window if cache and s > 0 else (0, width), corrector if correct else None)
-            passes += corrector_passes
+            if correct:
+                passes += corrector_passes
             if on_step is not None:
                 on_step(before, x, sent_back, active)
     return x, passes
@@ -234,7 +235,7 @@ def decode_step(model, x, open_, block, active, steps_left, state, reveal, polic
     """One step of generate over the batch, no host sync: the forward pass (with a
     KVCache, of the columns fed = (lo, hi), the others read from the cache; open_ must
     lie within them), ProSeCo's corrector loop if given, the policy's send-backs and the
-    rule's reveals. Returns (x, policy state, sent_back, corrector passes per row)."""
+    rule's reveals. Returns (x, policy state, sent_back, the corrector's passes per row or None)."""
     if cache is None:
         logits, hidden = model(x, return_hidden=True)
     else:
@@ -242,7 +243,7 @@ def decode_step(model, x, open_, block, active, steps_left, state, reveal, polic
         logits, hidden = model(x[:, lo:hi], return_hidden=True, cache=cache, start=lo)
         logits = F.pad(logits, (0, 0, lo, x.shape[1] - hi))  # the columns not fed get no prediction: none is open
         hidden = cache.update_hidden(lo, hidden)  # a head reads every column: those not fed, as last computed
-    corrector_passes = torch.zeros_like(active, dtype=torch.long)
+    corrector_passes = None
     if corrector is not None:
         x, logits, hidden, corrector_passes = corrector(model, x, logits, hidden, open_, active)
     mask_id = model.config.mask_id

@@ -114,7 +114,8 @@ def check_args(args):
 def model_config(args):
     """The network the flags ask for (a resumed run: the flags its checkpoint set)."""
     return TransformerConfig(vocab_size=data.get_tokenizer().n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, causal=args.objective == "ar")
+                             n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                             causal=args.objective == "ar")
 
 
 def checkpoint_to_resume(args, given, enc):
@@ -158,8 +159,7 @@ def loss_of(objective, corrector_input=CORRECTOR_INPUT):
         return lambda model, x0, prompt_len, mask_id, elbo_weight: autoregressive.ar_loss(model, x0, prompt_len)
     if objective == "proseco":
         return partial(proseco_loss, corrector_input=corrector_input)
-    return lambda model, x0, prompt_len, mask_id, elbo_weight: masked_diffusion_loss(model, x0, prompt_len, mask_id,
-                                                                         elbo_weight)[0]
+    return lambda *args: masked_diffusion_loss(*args)[0]  # the loss alone, not the pass it made
 
 
 @torch.no_grad()

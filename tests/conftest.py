@@ -18,7 +18,7 @@ def enc():
 
 def tiny_config(enc, **kw):
     return TransformerConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                     n_layer=kw.get("n_layer", 2), n_head=2, n_embd=kw.get("n_embd", 32))
+                             n_layer=kw.get("n_layer", 2), n_head=2, n_embd=kw.get("n_embd", 32))
 
 
 @pytest.fixture

@@ -227,7 +227,8 @@ def saved_bytes(run):
 
 def test_cuda_default_model_trains_a_step_and_decodes_here(enc):
     config = TransformerConfig(vocab_size=enc.n_vocab, block_size=data.PROMPT_LEN + data.GEN_LEN,
-                       n_layer=CUDA_PRESET["n_layer"], n_head=CUDA_PRESET["n_head"], n_embd=CUDA_PRESET["n_embd"])
+                               n_layer=CUDA_PRESET["n_layer"], n_head=CUDA_PRESET["n_head"],
+                               n_embd=CUDA_PRESET["n_embd"])
     torch.manual_seed(0)
     model = Transformer(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,

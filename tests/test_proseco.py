@@ -46,17 +46,20 @@ def test_proseco_loss_corrector_input_shows_the_argmax_where_chosen(corrector_in
 # ProSeCo's sampler (proseco.py) on the shared decoder
 
 
-class NeverSettles(torch.nn.Module):
-    """A stand-in model whose argmax is always (input + 1): it has no fixed point."""
+class Climbs(torch.nn.Module):
+    """A stand-in model whose argmax is input + 1 (never the mask), capped at `top` if
+    given: the corrector's y climbs one a pass, with no fixed point unless capped.
+    Records its calls and inputs."""
 
-    def __init__(self, config):
+    def __init__(self, config, top=None):
         super().__init__()
-        self.config, self.calls, self.inputs = config, 0, []
+        self.config, self.top, self.calls, self.inputs = config, top, 0, []
 
     def forward(self, x, return_hidden=False):
         self.calls += 1
         self.inputs.append(x.clone())
-        logits = torch.nn.functional.one_hot((x + 1) % (self.config.vocab_size - 1), self.config.vocab_size).float()
+        up = (x + 1) % (self.config.vocab_size - 1) if self.top is None else (x + 1).clamp(max=self.top)
+        logits = torch.nn.functional.one_hot(up, self.config.vocab_size).float()
         return (logits, logits) if return_hidden else logits
 
 
@@ -72,7 +75,7 @@ def test_proseco_makes_a_predictor_pass_on_the_masked_canvas_before_every_reveal
 
 
 def test_proseco_corrector_input_keeps_the_committed_tokens(enc, tiny_model):
-    model = NeverSettles(tiny_model.config)
+    model = Climbs(tiny_model.config)
     p = prompts(enc)
     generate(model, p, FixedSchedule(4), block_len=32, corrector=ProSeCoCorrector(max_passes=1))
     predictor, corrector = model.inputs[2], model.inputs[3]  # step 2: its predictor pass, then its corrector pass
@@ -82,28 +85,16 @@ def test_proseco_corrector_input_keeps_the_committed_tokens(enc, tiny_model):
 
 
 def test_proseco_reports_every_forward_pass_and_stops_at_s_without_a_fixed_point(enc, tiny_model):
-    model = NeverSettles(tiny_model.config)
+    model = Climbs(tiny_model.config)
     corrector = ProSeCoCorrector(max_passes=2)
     out, passes = generate(model, prompts(enc), FixedSchedule(4), block_len=32, corrector=corrector)
     assert passes.tolist() == [4 + 4 * 2] * 3 == [model.calls] * 3  # 4 predictor passes, 4 loops of S=2
+    assert [(x == enc.mask).any().item() for x in model.inputs].count(False) == 4 * 2  # corrector inputs hold no mask
     assert not (out == enc.mask).any()
 
 
-class ClimbsTo(torch.nn.Module):
-    """A stand-in model whose argmax is min(input + 1, top): the corrector's y climbs
-    one a pass until every position sits at top, its fixed point."""
-
-    def __init__(self, config, top):
-        super().__init__()
-        self.config, self.top = config, top
-
-    def forward(self, x, return_hidden=False):
-        logits = torch.nn.functional.one_hot((x + 1).clamp(max=self.top), self.config.vocab_size).float()
-        return (logits, logits) if return_hidden else logits
-
-
 def test_proseco_loop_stops_each_row_at_its_fixed_point_and_returns_its_passes(tiny_model):
-    model = ClimbsTo(tiny_model.config, top=10)
+    model = Climbs(tiny_model.config, top=10)
     x = torch.tensor([[7, 7, 7], [9, 9, 9]])  # nothing masked: y starts as x
     logits = model(x)
     *_, passes = ProSeCoCorrector(max_passes=20)(model, x, logits, logits, torch.ones(3, dtype=torch.bool),
