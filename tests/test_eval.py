@@ -204,6 +204,11 @@ def test_eval_refuses_zero_steps_in_one_line():
     assert "--steps" in one_line_error(evaluate.main, ["--steps", "0"])
 
 
+def test_eval_refuses_steps_that_give_no_whole_tokens_per_step(tmp_path):  # one block: 5 steps fit the schedule
+    argv = ["--steps", "5", "--block-len", "32", "--base", str(tmp_path / "none.pt")]  # refused before it is read
+    assert "whole tokens per step" in one_line_error(evaluate.main, argv)
+
+
 def test_eval_refuses_a_seed_torch_cannot_take_with_a_usage_error():
     with pytest.raises(SystemExit) as stop:
         evaluate.main(["--seed", str(2 ** 64)])
